@@ -119,7 +119,8 @@ def adjacency(
     check_faces(faces, num_vertices)
     ei = edge_index(faces)
     values = torch.ones(ei.shape[1], dtype=dtype, device=faces.device)
-    return torch.sparse_coo_tensor(ei, values, (num_vertices, num_vertices)).coalesce()
+    return torch.sparse_coo_tensor(ei, values, (num_vertices, num_vertices),
+                                   check_invariants=False).coalesce()
 
 
 def laplacian(
@@ -150,7 +151,8 @@ def laplacian(
         off_vals = -vals * inv_sqrt[idx[0]] * inv_sqrt[idx[1]]
     all_idx = torch.cat([diag_idx, idx], dim=1)
     all_vals = torch.cat([diag_vals, off_vals])
-    return torch.sparse_coo_tensor(all_idx, all_vals, (num_vertices, num_vertices)).coalesce()
+    return torch.sparse_coo_tensor(all_idx, all_vals, (num_vertices, num_vertices),
+                                   check_invariants=False).coalesce()
 
 
 # OBJ statements that carry nothing this loader needs but are legal.

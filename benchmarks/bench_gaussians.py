@@ -1,0 +1,185 @@
+"""Forward+backward speed and peak memory of ``rasterize_gaussians`` on a head-like scene.
+
+    python benchmarks/bench_gaussians.py                      # CPU, the default grid
+    python benchmarks/bench_gaussians.py --sizes 128 --counts 5000 --reps 7
+    python benchmarks/bench_gaussians.py --device cuda --backends torch gsplat
+
+The scene: N Gaussians on and near a unit sphere (a head) seen from 3 units away, flat
+discs tangent to the sphere with a log-normal spread of sizes, world scale shrinking as
+1/sqrt(N) so that coverage (about 3 layers deep) is the same for every N; their footprint
+is ~2 px sigma at 128^2. The loss is a fixed random weighting of colour, depth and alpha.
+Each timing is the median over ``--reps`` runs after one warm-up. Peak memory: CUDA
+``max_memory_allocated``; CPU the growth of the process' max RSS (``ru_maxrss``) during the
+first run of that configuration (0 when an earlier run already reached that level), so run
+a single configuration for a clean CPU number. ``--dense`` also times the dense reference
+of ``tests/gaussian_reference.py`` (every Gaussian against every pixel) for the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from headkit.render.gaussians import rasterize_gaussians  # noqa: E402
+
+
+def head_scene(n: int, size: int, device: str = "cpu", seed: int = 0):
+    """Random head-like scene: ``n`` Gaussians near a unit sphere, one camera, ``size^2``.
+
+    Returns:
+        ``(means, quats, scales, opacities, colors, viewmats, Ks)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    normals = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1)
+    means = normals * (1.0 + 0.03 * torch.randn(n, 1, generator=g))
+    # Quaternion taking +z to the normal, so the thin axis (z) is along the normal.
+    z = torch.tensor([0.0, 0.0, 1.0])
+    axes = torch.linalg.cross(z.expand_as(normals), normals)
+    quats = torch.cat([1.0 + normals[:, 2:3], axes], dim=-1)
+    quats = torch.where(quats[:, :1] < 1e-6, torch.tensor([0.0, 1.0, 0.0, 0.0]), quats)
+    base = 0.04 * math.sqrt(5000.0 / n)
+    scales = base * torch.exp(0.3 * torch.randn(n, 3, generator=g))
+    scales[:, 2] *= 0.1
+    opacities = torch.rand(n, generator=g) * 0.9 + 0.05
+    colors = torch.rand(n, 3, generator=g)
+    viewmats = torch.eye(4)[None].clone()
+    viewmats[0, 2, 3] = 3.0  # camera at z = -3 looking along +z at the sphere
+    f = 1.2 * size
+    Ks = torch.tensor([[[f, 0.0, size / 2], [0.0, f, size / 2], [0.0, 0.0, 1.0]]])
+    return tuple(t.to(device) for t in (means, quats, scales, opacities, colors, viewmats, Ks))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def time_fwd_bwd(render, inputs, weights, reps: int, device: str) -> tuple[float, float, float]:
+    """Median forward and forward+backward seconds, and peak memory in MB, of ``render``."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+
+    def step(backward: bool) -> None:
+        outs = render(*leaves)
+        if backward:
+            loss = sum((o * w).sum() for o, w in zip(outs, weights))
+            loss.backward()
+            for t in leaves:
+                t.grad = None
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = _max_rss_mb()
+    step(True)  # warm-up, also the memory measurement
+    _sync(device)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+            else _max_rss_mb() - rss0)
+    fwd, both = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            step(False)
+        _sync(device)
+        t1 = time.perf_counter()
+        step(True)
+        _sync(device)
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        both.append(t2 - t1)
+    return statistics.median(fwd), statistics.median(both), peak
+
+
+def main(argv=None) -> list[dict]:
+    """Run the benchmark grid; print a markdown table and return its rows."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--counts", type=int, nargs="+", default=[5000, 20000, 50000])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backends", nargs="+", default=["torch"])
+    p.add_argument("--tile-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--dense", action="store_true",
+                   help="also time the dense reference at --dense-size / --dense-count")
+    p.add_argument("--dense-size", type=int, default=128)
+    p.add_argument("--dense-count", type=int, default=5000)
+    p.add_argument("--dense-reps", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"loadavg={os.getloadavg()[0]:.1f}")
+    print("| backend | size | N | forward s | fwd+bwd s | peak MB |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for backend in args.backends:
+        for size in args.sizes:
+            for n in args.counts:
+                inputs = head_scene(n, size, args.device)
+                g = torch.Generator().manual_seed(1)
+                weights = [torch.rand(1, size, size, c, generator=g).to(args.device)
+                           for c in (3, 1, 1)]
+
+                def render(*xs, size=size, backend=backend):
+                    out = rasterize_gaussians(*xs, size, size, backend=backend,
+                                              tile_size=args.tile_size)
+                    return out[:3]
+
+                fwd, both, peak = time_fwd_bwd(render, inputs, weights, args.reps, args.device)
+                rows.append(dict(backend=backend, size=size, n=n, fwd=fwd, fwd_bwd=both,
+                                 peak_mb=peak))
+                print(f"| {backend} | {size} | {n} | {fwd:.4f} | {both:.4f} | {peak:.0f} |",
+                      flush=True)
+    if args.dense:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                        "tests"))
+        from gaussian_reference import dense_render
+
+        size, n = args.dense_size, args.dense_count
+        inputs = head_scene(n, size, args.device)
+        g = torch.Generator().manual_seed(1)
+        weights = [torch.rand(1, size, size, c, generator=g).to(args.device) for c in (3, 1, 1)]
+        band = max(1, (1 << 21) // (n * size))  # rows per band: ~2M Gaussian-pixel pairs
+
+        def dense_step(*xs):
+            # Forward+backward band by band (the loss is a sum over pixels, so grads add up).
+            for y0 in range(0, size, band):
+                y1 = min(size, y0 + band)
+                outs = dense_render(*xs, size, size, rows=(y0, y1))
+                loss = sum((o * w[:, y0:y1]).sum() for o, w in zip(outs, weights))
+                loss.backward()
+            return ()
+
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        times = []
+        for _ in range(args.dense_reps):
+            t0 = time.perf_counter()
+            dense_step(*leaves)
+            _sync(args.device)
+            times.append(time.perf_counter() - t0)
+        dense = statistics.median(times)
+        rows.append(dict(backend="dense", size=size, n=n, fwd=float("nan"), fwd_bwd=dense,
+                         peak_mb=float("nan")))
+        print(f"| dense reference | {size} | {n} | - | {dense:.3f} | - |")
+        ours = [r for r in rows if r["backend"] == "torch" and r["size"] == size and r["n"] == n]
+        if ours:
+            print(f"speed-up of torch over dense at {size}^2, N={n}: "
+                  f"{dense / ours[0]['fwd_bwd']:.1f}x")
+    print(f"loadavg at end={os.getloadavg()[0]:.1f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

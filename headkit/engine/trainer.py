@@ -1,0 +1,151 @@
+"""The one training loop both methods share: ``train(cfg) -> metrics``.
+
+It builds the subject and the method from their ``_target_`` configs, runs the method's
+``before_training`` hook (GraphAvatar's warm-up), optimises the sum of the method's loss dict,
+logs to TensorBoard and ``scalars.jsonl``, checkpoints atomically, resumes from the newest valid
+checkpoint, stops cleanly on a non-finite loss or gradient (after checkpointing the last good
+state), and finally evaluates on the test split into ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from headkit.data.dataset import FrameDataset
+from headkit.engine.checkpoint import CheckpointManager, make_checkpoint_state, resume_or_start
+from headkit.engine.guards import NonFiniteError, check_finite, check_finite_grads, device_from_string, explain_oom
+from headkit.engine.logging import RunLogger, progress
+from headkit.engine.method import Method, TrainContext, check_expression_dim
+from headkit.engine.rundir import (check_config_compatible, load_config, make_run_dir, save_config,
+                                   write_metrics)
+from headkit.engine.seed import seed_everything
+
+log = logging.getLogger(__name__)
+
+#: config keys that may change when a run is resumed
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.resume", "trainer.device", "trainer.progress",
+                     "trainer.log_every", "trainer.image_every", "trainer.ckpt_every", "eval.*",
+                     "paths.*", "run_dir")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject invalid values early with the offending key named."""
+    t = cfg.trainer
+    checks = [("trainer.max_steps", t.max_steps >= 0), ("trainer.batch_size", t.batch_size >= 1),
+              ("trainer.log_every", t.log_every >= 1), ("trainer.ckpt_every", t.ckpt_every >= 1),
+              ("trainer.image_every", t.image_every >= 1)]
+    for key, ok in checks:
+        if not ok:
+            raise ValueError(f"invalid config value {key}={OmegaConf.select(cfg, key)}")
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """The run folder: ``cfg.run_dir`` if set, else Hydra's output folder, else ``outputs/train``."""
+    if cfg.get("run_dir"):
+        return Path(cfg.run_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not inside @hydra.main
+        return Path(cfg.paths.output_dir) / "train"
+
+
+def build_method(cfg: DictConfig, subject) -> Method:
+    """Instantiate ``cfg.model`` for ``subject`` (plain containers, not DictConfigs)."""
+    model = instantiate(cfg.model, subject=subject, _convert_="all")
+    if not isinstance(model, Method):
+        raise TypeError(f"model._target_ built a {type(model).__name__}, not a headkit Method")
+    check_expression_dim(model, subject)
+    return model
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train the configured method on the configured subject; return the final metrics dict."""
+    validate_config(cfg)
+    tcfg = cfg.trainer
+    run_dir = make_run_dir(resolve_run_dir(cfg), resume=bool(tcfg.resume))
+    if tcfg.resume and (run_dir / "config.yaml").is_file():
+        check_config_compatible(load_config(run_dir), cfg, ignore=RESUME_MAY_CHANGE)
+    save_config(run_dir, cfg)
+    seed_everything(int(cfg.seed))
+    device = device_from_string(tcfg.device)
+
+    subject = instantiate(cfg.data, _convert_="all")
+    model = build_method(cfg, subject).to(device)
+    train_set = FrameDataset(subject, "train")
+    test_set = FrameDataset(subject, "test")
+    optimizer, scheduler = model.configure_optimizers()
+    manager = CheckpointManager(run_dir / "checkpoints", keep=int(tcfg.keep_checkpoints))
+    start = resume_or_start(manager, model, optimizer, scheduler) if tcfg.resume else 0
+    logger = RunLogger(run_dir, purge_step=start or None)
+    log.info("run folder %s; %s on %s; %d train / %d test frames; starting at step %d",
+             run_dir, type(model).__name__, device, len(train_set), len(test_set), start)
+
+    def save(step: int, **extra) -> None:
+        manager.save(make_checkpoint_state(step, model, optimizer, scheduler, config=cfg, **extra), step)
+
+    began = time.perf_counter()
+    if start == 0:
+        model.before_training(TrainContext(subject, train_set, device, run_dir, logger, bool(tcfg.progress)))
+    step = start
+    try:
+        with explain_oom(("data.generator.width/height or the data resolution",
+                          "trainer.batch_size", "model size settings (e.g. neural Gaussians k)")):
+            for step in progress(range(start, int(tcfg.max_steps)), desc="train",
+                                 enabled=None if tcfg.progress else False, initial=start,
+                                 total=int(tcfg.max_steps)):
+                model.train()
+                batch = model.sample_train_batch(train_set, step, int(tcfg.batch_size), device)
+                outputs = model.get_outputs(batch)
+                losses = model.get_loss_dict(outputs, batch, step)
+                total = torch.stack([v for v in losses.values()]).sum()
+                check_finite({**losses, "loss": total}, step)
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                check_finite_grads(model, step)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                model.after_step(step)
+                if (step + 1) % tcfg.log_every == 0 or step == start:
+                    scalars = {f"loss/{k}": v.item() for k, v in losses.items()}
+                    scalars["loss/total"] = total.item()
+                    scalars.update({f"train/{k}": v for k, v in model.get_metrics_dict(outputs, batch).items()})
+                    scalars["train/lr"] = optimizer.param_groups[0]["lr"]
+                    logger.scalars(scalars, step + 1)
+                if (step + 1) % tcfg.image_every == 0:
+                    logger.image("train/render_vs_gt", torch.cat([outputs["image"][0].detach().clamp(0, 1),
+                                                                  batch["image"][0]], dim=1), step + 1)
+                if (step + 1) % tcfg.ckpt_every == 0:
+                    save(step + 1)
+    except NonFiniteError:
+        # parameters are still those before the failing step: keep them, then stop
+        save(step, stopped_by="non-finite")
+        logger.close()
+        log.error("stopped at step %d on a non-finite value; last good state saved in %s", step, manager.directory)
+        raise
+    steps_done = int(tcfg.max_steps)
+    if steps_done > start:
+        save(steps_done)
+    train_seconds = time.perf_counter() - began
+
+    ecfg = cfg.get("eval", {}) or {}
+    metrics = model.evaluate(test_set, run_dir, device=device, with_lpips=bool(ecfg.get("lpips", True)),
+                             save_video=bool(ecfg.get("video", True)),
+                             timing_repeats=int(ecfg.get("timing_repeats", 20)),
+                             show_progress=bool(tcfg.progress))
+    metrics.update({"config_name": str(cfg.get("experiment_name") or cfg.get("task_name", "train")),
+                    "method": type(model).__name__, "steps": steps_done,
+                    "train_seconds": round(train_seconds, 1), "subject": subject.name,
+                    "run_dir": str(run_dir)})
+    write_metrics(run_dir, metrics)
+    logger.scalars({f"test/{k}": v for k, v in metrics.items() if isinstance(v, float)}, steps_done)
+    logger.close()
+    return metrics
