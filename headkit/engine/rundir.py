@@ -76,9 +76,10 @@ def make_run_dir(root: str | os.PathLike, name: str | None = None, *, overwrite:
 
 def save_config(run_dir: str | os.PathLike, cfg: DictConfig | Mapping) -> Path:
     """Write the resolved config to ``run_dir/config.yaml`` atomically; returns the path."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
     path = Path(run_dir) / CONFIG_NAME
-    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(dict(container))))
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
     return path
 
 

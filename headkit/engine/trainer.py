@@ -59,7 +59,8 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 
 def build_method(cfg: DictConfig, subject) -> Method:
     """Instantiate ``cfg.model`` for ``subject`` (plain containers, not DictConfigs)."""
-    model = instantiate(cfg.model, subject=subject, _convert_="all")
+    # a partial, so Hydra does not try to turn the Subject dataclass into a config node
+    model = instantiate(cfg.model, _partial_=True, _convert_="all")(subject=subject)
     if not isinstance(model, Method):
         raise TypeError(f"model._target_ built a {type(model).__name__}, not a headkit Method")
     check_expression_dim(model, subject)

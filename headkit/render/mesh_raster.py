@@ -10,10 +10,10 @@ How it works (no per-triangle Python loop, same code on CPU and CUDA):
 1. All triangles of all ``B`` cameras are projected at once; a triangle is culled if any
    vertex is closer than ``near`` (see :func:`rasterize_mesh` for why), if it is degenerate
    on screen, if its pixel-centre bounding box is empty, or, optionally, if it faces away.
-2. Every surviving triangle expands to one *fragment* per pixel centre inside its screen
-   bounding box (``repeat_interleave``), in chunks of at most ``max_fragments`` fragments
-   so memory stays bounded whatever the mesh. Barycentrics and ``1/z`` are affine in screen
-   space, so each fragment costs one small matrix-vector product.
+2. Triangles are bucketed by screen bounding-box size (rounded up to powers of two); each
+   bucket is evaluated as a dense ``[T, h, w]`` grid of pixel centres, in chunks of at most
+   ``max_fragments`` (triangle, pixel) pairs so memory stays bounded whatever the mesh.
+   Barycentrics and ``1/z`` are affine in screen space, so a pixel costs a few multiply-adds.
 3. Fragments inside their triangle are z-tested with one ``scatter_reduce(amin)`` on an
    int64 key ``(float32 bits of depth) << 32 | face id``: positive float32 bit patterns sort
    like the floats, so the minimum key is the nearest fragment, ties broken by the lowest
@@ -153,8 +153,8 @@ def rasterize_mesh(
         width, height: image size in pixels.
         near: near-plane depth (> 0).
         cull_backfaces: drop back-facing triangles.
-        max_fragments: fragments (triangle × bbox pixel) processed at once; bounds memory to
-            roughly ``150 · max_fragments`` bytes. A single triangle's bbox is never split.
+        max_fragments: (triangle, padded-bbox pixel) pairs evaluated at once; bounds memory to
+            roughly ``64 · max_fragments`` bytes. A single triangle's bbox is never split.
 
     Returns:
         :class:`MeshRaster` with ``face_ids [B, H, W]``, ``bary [B, H, W, 3]``,
@@ -210,41 +210,47 @@ def _zbuffer(cams: Tensor, Ks: Tensor, faces: Tensor, W: int, H: int, near: floa
         return
     coeffs = coeffs.float()
     lo, size = lo.long(), (hi - lo).long() + 1  # [T, 2] (x, y)
-    counts = size[:, 0] * size[:, 1]
-    ends = torch.cumsum(counts, dim=0)
-
-    start_tri, T = 0, tri_ids.numel()
-    while start_tri < T:
-        base = int(ends[start_tri - 1]) if start_tri > 0 else 0
-        # Largest chunk whose fragment total fits the budget (at least one triangle).
-        stop_tri = int(torch.searchsorted(ends, base + max_fragments, right=True))
-        stop_tri = max(stop_tri, start_tri + 1)
-        sl = slice(start_tri, stop_tri)
-        _splat_chunk(tri_ids[sl], coeffs[sl], lo[sl], size[sl], counts[sl], F, W, H, keys)
-        start_tri = stop_tri
+    _splat(tri_ids, coeffs, lo, size, F, W, H, max_fragments, keys)
 
 
-def _splat_chunk(tri_ids: Tensor, coeffs: Tensor, lo: Tensor, size: Tensor, counts: Tensor,
-                 F: int, W: int, H: int, keys: Tensor) -> None:
-    """Expand triangles to bbox fragments, inside-test them and min-reduce their keys."""
+def _splat(tri_ids: Tensor, coeffs: Tensor, lo: Tensor, size: Tensor, F: int, W: int, H: int,
+           max_fragments: int, keys: Tensor) -> None:
+    """Inside-test every triangle on the pixel centres of its bbox and min-reduce the keys.
+
+    Triangles are bucketed by their bbox size rounded up to powers of two, so each bucket is a
+    dense ``[T, 4, h, w]`` broadcast of the affine forms over a small pixel grid: no
+    per-fragment gathers, few buckets (at most ``log2 W · log2 H``), at most 4x padding.
+    Padding pixels beyond the true bbox are masked (they may lie outside the image).
+    """
     device = tri_ids.device
-    n = int(counts.sum())
-    local_tri = torch.repeat_interleave(torch.arange(tri_ids.numel(), device=device), counts,
-                                        output_size=n)
-    offsets = torch.arange(n, device=device) - (torch.cumsum(counts, 0) - counts)[local_tri]
-    widths = size[local_tri, 0]
-    dx, dy = offsets % widths, torch.div(offsets, widths, rounding_mode="floor")
-    c = coeffs[local_tri]  # [n, 4, 3]
-    vals = c[:, :, 0] * dx[:, None] + c[:, :, 1] * dy[:, None] + c[:, :, 2]  # [n, 4]
-    inside = (vals[:, :3] >= 0).all(dim=1) & (vals[:, 3] > 0)
-    vals, local_tri, dx, dy = vals[inside], local_tri[inside], dx[inside], dy[inside]
-    depth = 1.0 / vals[:, 3]
-    tri = tri_ids[local_tri]
-    batch, face = torch.div(tri, F, rounding_mode="floor"), tri % F
-    xs, ys = lo[local_tri, 0] + dx, lo[local_tri, 1] + dy
-    pix = (batch * H + ys) * W + xs
-    key = (depth.view(torch.int32).to(torch.int64) << 32) | face
-    keys.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
+    log_w = torch.ceil(torch.log2(size[:, 0].double())).long()
+    log_h = torch.ceil(torch.log2(size[:, 1].double())).long()
+    bucket = log_w * 64 + log_h
+    order = torch.argsort(bucket)
+    buckets, counts = torch.unique_consecutive(bucket[order], return_counts=True)
+    start = 0
+    for code, count in zip(buckets.tolist(), counts.tolist()):
+        bw, bh = 1 << (code // 64), 1 << (code % 64)
+        members = order[start:start + count]
+        start += count
+        dx = torch.arange(bw, device=device, dtype=torch.float32)
+        dy = torch.arange(bh, device=device, dtype=torch.float32)[:, None]
+        per_chunk = max(1, max_fragments // (bw * bh))
+        for first in range(0, count, per_chunk):
+            idx = members[first:first + per_chunk]
+            c = coeffs[idx][..., None, None]  # [t, 4, 3, 1, 1]
+            vals = c[:, :, 0] * dx + c[:, :, 1] * dy + c[:, :, 2]  # [t, 4, bh, bw]
+            sz = size[idx][:, :, None, None]
+            inside = ((vals[:, :3] >= 0).all(dim=1) & (vals[:, 3] > 0)
+                      & (dx < sz[:, 0]) & (dy < sz[:, 1]))
+            t_i, y_i, x_i = torch.nonzero(inside, as_tuple=True)
+            depth = 1.0 / vals[t_i, 3, y_i, x_i]
+            tri = tri_ids[idx[t_i]]
+            batch, face = torch.div(tri, F, rounding_mode="floor"), tri % F
+            corner = lo[idx[t_i]]
+            pix = (batch * H + corner[:, 1] + y_i) * W + corner[:, 0] + x_i
+            key = (depth.view(torch.int32).to(torch.int64) << 32) | face
+            keys.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
 
 
 def _resolve(cams: Tensor, Ks: Tensor, faces: Tensor, face_ids: Tensor) -> tuple[Tensor, Tensor]:

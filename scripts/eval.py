@@ -1,0 +1,25 @@
+"""Evaluate a run on its test split: ``python scripts/eval.py [run=RUN_DIR]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from headkit.engine.evaluate import format_table
+from headkit.engine.runs import evaluate_run, find_latest_run
+
+COLUMNS = ["config_name", "psnr", "ssim", "l2", "lpips", "time_per_frame_ms", "fps", "model_size_mb",
+           "model_size_fp16_mb", "device"]
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: evaluate ``run`` (or the newest run) and print a table."""
+    run_dir = cfg.run or find_latest_run(f"{cfg.paths.output_dir}/train")
+    metrics = evaluate_run(run_dir, device=cfg.device, eval_cfg=cfg.eval)
+    print(format_table([metrics], COLUMNS))
+    if metrics.get("lpips") is None:
+        print(f"LPIPS unavailable: {metrics.get('lpips_unavailable_reason')}")
+    print(f"metrics written to {run_dir}/metrics.json")
+
+
+if __name__ == "__main__":
+    main()

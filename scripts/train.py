@@ -1,0 +1,24 @@
+"""Train an avatar: ``python scripts/train.py [experiment=NAME] [key=value ...]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from headkit.engine.evaluate import format_table
+from headkit.engine.trainer import train
+
+COLUMNS = ["psnr", "ssim", "l2", "lpips", "time_per_frame_ms", "fps", "model_size_mb", "device"]
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; prints the test metrics and returns PSNR (for sweepers)."""
+    metrics = train(cfg)
+    print(format_table([metrics], COLUMNS))
+    if metrics.get("lpips") is None and metrics.get("lpips_unavailable_reason"):
+        print(f"LPIPS unavailable: {metrics['lpips_unavailable_reason']}")
+    print(f"run folder: {metrics['run_dir']}")
+    return float(metrics["psnr"])
+
+
+if __name__ == "__main__":
+    main()

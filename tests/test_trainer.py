@@ -1,0 +1,130 @@
+"""The shared training loop: metrics.json, resume equals an unkilled run, NaN stop, no overwrite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from headkit.data.folder import write_subject_folder
+from headkit.engine import ConfigMismatch, NonFiniteError
+from headkit.engine.checkpoint import CheckpointManager
+from headkit.engine.method import Method
+from headkit.engine.runs import evaluate_run, find_latest_run
+from headkit.engine.trainer import train
+from tests.conftest import make_tiny_subject
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+class TinyMethod(Method):
+    """A per-pixel image plus an expression-driven tint: small, but uses the whole interface."""
+
+    def __init__(self, subject, lr: float = 0.05, nan_at_step: int = -1):
+        super().__init__()
+        self.expression_dim = subject.expression_dim
+        self.logits = torch.nn.Parameter(torch.zeros(subject.height, subject.width, 3))
+        self.tint = torch.nn.Linear(subject.expression_dim, 3)
+        self.lr = lr
+        self.nan_at_step = nan_at_step
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        return opt, torch.optim.lr_scheduler.ExponentialLR(opt, 0.99)
+
+    def get_outputs(self, batch):
+        tint = self.tint(batch["expression"])[:, None, None, :]  # [B,1,1,3]
+        return {"image": torch.sigmoid(self.logits[None] + 0.01 * tint)}
+
+    def get_loss_dict(self, outputs, batch, step):
+        l1 = (outputs["image"] - batch["image"]).abs().mean()
+        if step == self.nan_at_step:
+            l1 = l1 * float("nan")
+        return {"l1": l1}
+
+
+def make_cfg(tmp_path: Path, run_name: str = "run", model: dict | None = None, **trainer):
+    subject_dir = tmp_path / "subject"
+    if not subject_dir.exists():
+        write_subject_folder(make_tiny_subject(num_frames=8, num_test=2), subject_dir)
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train", overrides=["~model", "data=subject", f"data.root={subject_dir}",
+                                          f"run_dir={tmp_path / run_name}", "trainer.progress=false",
+                                          "eval.video=false", "eval.timing_repeats=2"])
+    with open_dict(cfg):
+        cfg.model = OmegaConf.create({"_target_": f"{__name__}.TinyMethod", **(model or {})})
+        cfg.trainer.update({**dict(max_steps=20, log_every=5, ckpt_every=5, image_every=10), **trainer})
+    return cfg
+
+
+def test_train_writes_metrics_and_renders(tmp_path):
+    metrics = train(make_cfg(tmp_path))
+    run = Path(metrics["run_dir"])
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("psnr", "ssim", "l2", "lpips", "time_per_frame_ms", "fps", "model_size_mb", "device",
+                "config_name"):
+        assert key in saved, key
+    assert saved["lpips"] is None or saved["lpips"] >= 0
+    if saved["lpips"] is None:
+        assert saved["lpips_unavailable_reason"]
+    # per-pixel params (16*12*3) + linear (4*3+3) floats
+    assert saved["model_size_mb"] == pytest.approx((16 * 12 * 3 + 15) * 4 / 2**20)
+    assert len(list((run / "test_renders").glob("*.png"))) == 2
+    assert (run / "config.yaml").is_file() and list(run.glob("tb/events.out.tfevents*"))
+    lines = [json.loads(x) for x in (run / "scalars.jsonl").read_text().splitlines()]
+    assert any("loss/l1" in (x.get("values") or x) for x in lines)
+
+
+def test_resume_matches_an_unkilled_run(tmp_path):
+    full = train(make_cfg(tmp_path, "full"))
+    train(make_cfg(tmp_path, "split", max_steps=10))
+    resumed = train(make_cfg(tmp_path, "split", resume=True))
+    assert resumed["steps"] == 20
+    a = CheckpointManager(tmp_path / "full" / "checkpoints").latest_valid()[1]["model"]
+    b = CheckpointManager(tmp_path / "split" / "checkpoints").latest_valid()[1]["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    assert resumed["psnr"] == pytest.approx(full["psnr"], abs=1e-4)
+
+
+def test_resume_with_incompatible_config_lists_keys(tmp_path):
+    train(make_cfg(tmp_path, "r", max_steps=5))
+    cfg = make_cfg(tmp_path, "r", resume=True)
+    cfg.seed = 7
+    with pytest.raises(ConfigMismatch, match="seed"):
+        train(cfg)
+
+
+def test_nan_loss_stops_and_keeps_last_good_state(tmp_path):
+    cfg = make_cfg(tmp_path, "nan", model={"nan_at_step": 7})
+    with pytest.raises(NonFiniteError, match="step 7"):
+        train(cfg)
+    path, state = CheckpointManager(tmp_path / "nan" / "checkpoints").latest_valid()
+    assert state["step"] == 7 and state["stopped_by"] == "non-finite"
+    assert torch.isfinite(state["model"]["logits"]).all()
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    train(make_cfg(tmp_path, "same", max_steps=3))
+    with pytest.warns(UserWarning, match="already holds a run"):
+        second = train(make_cfg(tmp_path, "same", max_steps=3))
+    assert Path(second["run_dir"]).name == "same-1"
+
+
+def test_eval_script_function_reevaluates_latest_run(tmp_path):
+    train(make_cfg(tmp_path, "ev", max_steps=4))
+    run = find_latest_run(tmp_path)
+    assert run.name == "ev"
+    metrics = evaluate_run(run, device="cpu", eval_cfg={"video": False, "timing_repeats": 2},
+                           show_progress=False)
+    assert metrics["steps"] == 4 and metrics["psnr"] > 0
+
+
+def test_invalid_value_names_key(tmp_path):
+    cfg = make_cfg(tmp_path, "bad", batch_size=0)
+    with pytest.raises(ValueError, match="trainer.batch_size=0"):
+        train(cfg)
