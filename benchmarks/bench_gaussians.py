@@ -143,9 +143,7 @@ def main(argv=None) -> list[dict]:
                 print(f"| {backend} | {size} | {n} | {fwd:.4f} | {both:.4f} | {peak:.0f} |",
                       flush=True)
     if args.dense:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                        "tests"))
-        from gaussian_reference import dense_render
+        from tests.gaussian_reference import dense_render
 
         size, n = args.dense_size, args.dense_count
         inputs = head_scene(n, size, args.device)

@@ -15,6 +15,8 @@ from SH); scale is ``sigmoid(·) ⊙ s``; the rotation is a normalised quaternio
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,6 +67,10 @@ class NeuralGaussians(nn.Module):
         offset_init_std: std of the initial offsets, in units of the anchor scale. Scaffold-GS
             and the authors start from 0 (all children on the anchor); a spread of ~1 anchor
             scale makes the children distinct from step 0.
+        opacity_init: opacity of every child at step 0 (the opacity MLP's last layer starts
+            with zero weights and bias ``atanh(opacity_init)``). With a random start (Scaffold-GS,
+            zero anchor features) a child index can come out negative, hence masked, for every
+            anchor; masked children get no gradient, so it would never come back.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class NeuralGaussians(nn.Module):
         local_frame: bool = False,
         opacity_threshold: float = 0.0,
         offset_init_std: float = 1.0,
+        opacity_init: float = 0.1,
     ) -> None:
         super().__init__()
         if num_anchors < 1 or num_offsets < 1 or feature_dim < 1 or hidden_dim < 1 or expression_dim < 0:
@@ -89,6 +96,10 @@ class NeuralGaussians(nn.Module):
         self.num_offsets, self.feature_dim = num_offsets, feature_dim
         self.use_distance, self.local_frame = use_distance, local_frame
         self.opacity_threshold, self.offset_init_std = opacity_threshold, offset_init_std
+        if not opacity_threshold < opacity_init < 1.0:
+            raise ValueError(f"NeuralGaussians: opacity_init must be in (opacity_threshold, 1) = "
+                             f"({opacity_threshold}, 1), got {opacity_init}")
+        self.opacity_init = opacity_init
         k = num_offsets
         self.offsets = nn.Parameter(torch.empty(num_anchors, k, 3))
         self.features = nn.Parameter(torch.empty(num_anchors, feature_dim))
@@ -99,13 +110,16 @@ class NeuralGaussians(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Offsets ~ N(0, offset_init_std²), features 0 (Scaffold-GS), MLPs torch defaults."""
+        """Offsets ~ N(0, offset_init_std²), features 0 (Scaffold-GS), MLPs torch defaults
+        except the opacity output layer (weights 0, bias ``atanh(opacity_init)``)."""
         nn.init.normal_(self.offsets, 0.0, self.offset_init_std)
         nn.init.zeros_(self.features)
         for mlp in (self.mlp_opacity, self.mlp_color, self.mlp_cov):
             for layer in mlp:
                 if isinstance(layer, nn.Linear):
                     layer.reset_parameters()
+        nn.init.zeros_(self.mlp_opacity[-1].weight)
+        nn.init.constant_(self.mlp_opacity[-1].bias, math.atanh(self.opacity_init))
 
     def forward(
         self,

@@ -180,6 +180,14 @@ def test_truncated_and_bitflipped_checkpoints_are_skipped(tmp_path):
     messages = [str(w.message) for w in record]
     assert any("ckpt_00000030.pt" in m for m in messages)
     assert any("ckpt_00000020.pt" in m and "CRC" in m for m in messages)
+    # resuming from step 10 and saving again must never prune the good checkpoints
+    pruning = engine.CheckpointManager(tmp_path, keep=1)
+    pruning.save({"step": 15}, 15)
+    assert _ckpt_names(tmp_path) == ["ckpt_00000015.pt", "ckpt_00000020.pt", "ckpt_00000030.pt"]
+    with pytest.warns(engine.CorruptCheckpointWarning):
+        assert pruning.latest_valid()[1]["step"] == 15
+    manager.path_for(15).unlink()
+    manager.save({"step": 10}, 10)
     manager.path_for(10).write_bytes(b"garbage")
     with pytest.warns(engine.CorruptCheckpointWarning) as record:
         assert manager.latest_valid() is None
@@ -299,6 +307,8 @@ def test_run_logger_events_and_jsonl(tmp_path):
             logger.scalars(values, step, prefix="train/")
         logger.scalars({"loss": float("nan")}, 3, prefix="train/")
         logger.images({"render": torch.rand(8, 6, 3), "depth": torch.rand(8, 6)}, step=2)
+        with pytest.raises(ValueError, match="'train/vec' at step 4 has 2 elements"):
+            logger.scalars({"vec": torch.ones(2)}, 4, prefix="train/")
         with pytest.raises(ValueError, match="'bad'"):
             logger.image("bad", torch.rand(3, 8, 6), 0)
     rows = engine.read_scalars(tmp_path)

@@ -259,7 +259,7 @@ def test_warp_w1_input_holds_broadcast_theta_bar_and_area_delta_uv():
     torch.testing.assert_close(x[:, 32:38], theta_bar[:, :, None, None].expand(-1, -1, 8, 8))
     d = (new.uvs * new.masks[..., None] - cache.params.uvs * cache.params.masks[..., None]).numpy()
     ref = d.reshape(2, 8, 2, 8, 2, 2).mean(axis=(2, 4)).transpose(0, 3, 1, 2)  # 2x2 block means
-    np.testing.assert_allclose(x[:, 38:].numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(x[:, 38:].detach().numpy(), ref, atol=1e-6)
 
 
 def test_warp_sh_modulation_of_skips():
@@ -323,7 +323,10 @@ def test_warp_trains_end_to_end_with_the_generator():
     torch.manual_seed(14)
     G = DNRPlus(in_channels=4, channels=(12, 16, 16), norm="none")
     W = ImplicitWarp(feature_channels=tuple(G.feature_channels.values()), expr_dim=5, mlp_dim=4, norm="none")
-    x, target = torch.randn(1, 4, 32, 32), torch.rand(1, 32, 32, 3)
+    x = torch.randn(1, 4, 32, 32)
+    ramp = torch.linspace(0.1, 0.9, 32)
+    target = torch.stack([ramp[None, :].expand(32, 32), ramp[:, None].expand(32, 32),
+                          torch.full((32, 32), 0.2)], dim=-1)[None]  # a smooth, learnable image
     cache_params, new = _params(1, 32, 32, seed=15), _params(1, 32, 32, seed=16)
     opt = torch.optim.Adam([*G.parameters(), *W.parameters()], lr=3e-3)
     losses = []
@@ -336,7 +339,7 @@ def test_warp_trains_end_to_end_with_the_generator():
         losses.append(loss.item())
         opt.step()
     assert G.downs[0][0].weight.grad.abs().sum() > 0  # the warp loss reaches G through the cache
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_explicit_warp_starts_as_identity_and_applies_flow():

@@ -280,3 +280,35 @@ def test_nbs_missing_folders_and_short_videos(tmp_path):
         load_nbs(tmp_path / "n", num_test=2)  # checkpoint/ is not under root
     with pytest.raises(SubjectError, match="no train"):
         load_nbs(tmp_path / "n", tracker_root=tmp_path / "trk")  # 6 frames, 500 held out
+
+
+def test_map_frames_fails_fast_and_reraises():
+    from headkit.data.insta import map_frames
+
+    import time
+
+    ran = []
+
+    def fn(t: int) -> None:  # frame 0 is bad; each other frame takes 10 ms to "read"
+        ran.append(t)
+        if t == 0:
+            raise SubjectError("frame 0 is bad")
+        time.sleep(0.01)
+
+    with pytest.raises(SubjectError, match="frame 0 is bad"):
+        map_frames(fn, 200, num_workers=1)
+    assert len(ran) < 100  # pending frames were cancelled, not all read
+
+
+def test_nbs_image_size_scales_each_axis(tmp_path):
+    truth = write_nbs_fixture(tmp_path / "r")
+    s = load_nbs(tmp_path / "r", num_test=2, image_size=(12, 16))
+    assert s.images.shape == (6, 12, 16, 3) and s.masks.shape == (6, 12, 16)
+    boxed = truth["masks"].reshape(6, 12, 2, 16, 2).astype(np.float64).mean(axis=(2, 4))
+    assert np.abs(s.masks.astype(np.float64) - boxed).max() <= 0.5 + 1e-9
+    expect = truth["Ks"].copy()
+    expect[:, :2] /= 2
+    np.testing.assert_allclose(s.Ks, expect, atol=1e-6)
+    square = load_nbs(tmp_path / "r", num_test=2, image_size=12)  # 24x32 → 12x12: per-axis scales
+    np.testing.assert_allclose(square.Ks[:, 0, 0], truth["Ks"][:, 0, 0] * 12 / 32, rtol=1e-6)
+    np.testing.assert_allclose(square.Ks[:, 1, 2], truth["Ks"][:, 1, 2] * 12 / 24, rtol=1e-6)

@@ -85,13 +85,20 @@ class CheckpointManager:
         return sorted(found)
 
     def save(self, state: Mapping, step: int) -> Path:
-        """Write ``state`` as the checkpoint of ``step`` atomically, then prune to ``keep``."""
+        """Write ``state`` as the checkpoint of ``step`` atomically, then prune.
+
+        Pruning keeps this checkpoint and the ``keep - 1`` newest older ones. Files of later
+        steps are left alone: after falling back past corrupt checkpoints they are the
+        corrupt ones (overwritten when the run reaches their steps), and counting them would
+        delete the good checkpoints just written.
+        """
         if step < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
         path = self.path_for(step)
         self._write(state, path)
         if self.keep is not None:
-            for _, old in self.checkpoints()[:-self.keep]:
+            older = [p for s, p in self.checkpoints() if s < step]
+            for old in older[:max(0, len(older) - (self.keep - 1))]:
                 old.unlink(missing_ok=True)
         return path
 

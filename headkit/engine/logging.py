@@ -87,8 +87,12 @@ class RunLogger:
         """Log named scalars (floats or one-element tensors) at ``step``; tag = prefix + name."""
         if not self.enabled:
             return
-        row = {f"{prefix}{k}": float(torch.as_tensor(v).detach().float().item())
-               for k, v in values.items()}
+        row = {}
+        for k, v in values.items():
+            v = torch.as_tensor(v).detach()
+            if v.numel() != 1:
+                raise ValueError(f"scalar '{prefix}{k}' at step {step} has {v.numel()} elements")
+            row[f"{prefix}{k}"] = float(v.float().item())
         if self._writer is not None:
             for tag, value in row.items():
                 self._writer.add_scalar(tag, value, step)

@@ -223,6 +223,8 @@ def _splat(tri_ids: Tensor, coeffs: Tensor, lo: Tensor, size: Tensor, F: int, W:
     Padding pixels beyond the true bbox are masked (they may lie outside the image).
     """
     device = tri_ids.device
+    batch, face_ids = torch.div(tri_ids, F, rounding_mode="floor"), tri_ids % F
+    base_pixels = (batch * H + lo[:, 1]) * W + lo[:, 0]  # pixel index of each bbox corner
     log_w = torch.ceil(torch.log2(size[:, 0].double())).long()
     log_h = torch.ceil(torch.log2(size[:, 1].double())).long()
     bucket = log_w * 64 + log_h
@@ -241,15 +243,14 @@ def _splat(tri_ids: Tensor, coeffs: Tensor, lo: Tensor, size: Tensor, F: int, W:
             c = coeffs[idx][..., None, None]  # [t, 4, 3, 1, 1]
             vals = c[:, :, 0] * dx + c[:, :, 1] * dy + c[:, :, 2]  # [t, 4, bh, bw]
             sz = size[idx][:, :, None, None]
-            inside = ((vals[:, :3] >= 0).all(dim=1) & (vals[:, 3] > 0)
-                      & (dx < sz[:, 0]) & (dy < sz[:, 1]))
-            t_i, y_i, x_i = torch.nonzero(inside, as_tuple=True)
-            depth = 1.0 / vals[t_i, 3, y_i, x_i]
-            tri = tri_ids[idx[t_i]]
-            batch, face = torch.div(tri, F, rounding_mode="floor"), tri % F
-            corner = lo[idx[t_i]]
-            pix = (batch * H + corner[:, 1] + y_i) * W + corner[:, 0] + x_i
-            key = (depth.view(torch.int32).to(torch.int64) << 32) | face
+            # 1/z > 0 follows from λ >= 0 (all corners are in front of the near plane).
+            inside = (vals[:, :3].amin(dim=1) >= 0) & (dx < sz[:, 0]) & (dy < sz[:, 1])
+            flat = torch.nonzero(inside.reshape(-1))[:, 0]
+            depth = 1.0 / vals[:, 3].reshape(-1)[flat]
+            t_i, rest = torch.div(flat, bw * bh, rounding_mode="floor"), flat % (bw * bh)
+            y_i, x_i = torch.div(rest, bw, rounding_mode="floor"), rest % bw
+            pix = base_pixels[idx][t_i] + y_i * W + x_i
+            key = (depth.view(torch.int32).to(torch.int64) << 32) | face_ids[idx][t_i]
             keys.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
 
 
@@ -258,23 +259,29 @@ def _resolve(cams: Tensor, Ks: Tensor, faces: Tensor, face_ids: Tensor) -> tuple
     B, H, W = face_ids.shape
     bary = cams.new_zeros(B, H, W, 3)
     depth = cams.new_zeros(B, H, W)
-    b, i, j = torch.nonzero(face_ids >= 0, as_tuple=True)
-    if b.numel() == 0:
+    flat = torch.nonzero(face_ids.reshape(-1) >= 0)[:, 0]
+    if flat.numel() == 0:
         return bary, depth
-    tri = cams[b[:, None], faces[face_ids[b, i, j]]]  # [P, 3, 3] camera space
-    K = Ks[b]
+    V = cams.shape[1]
+    b = torch.div(flat, H * W, rounding_mode="floor")
+    i, j = torch.div(flat % (H * W), W, rounding_mode="floor"), flat % W
+    corners = faces[face_ids.reshape(-1)[flat]] + (b * V)[:, None]  # [P, 3] rows of cams
+    tri = cams.reshape(B * V, 3)[corners]  # [P, 3, 3] camera space
+    fx, skew, cx = Ks[b, 0, 0, None], Ks[b, 0, 1, None], Ks[b, 0, 2]
+    fy, cy = Ks[b, 1, 1, None], Ks[b, 1, 2]
     z = tri[..., 2]
-    uv = torch.stack([K[:, None, 0, 0] * tri[..., 0] / z + K[:, None, 0, 1] * tri[..., 1] / z,
-                      K[:, None, 1, 1] * tri[..., 1] / z], dim=-1)  # principal point dropped
-    centre = torch.stack([j + 0.5 - K[:, 0, 2], i + 0.5 - K[:, 1, 2]], dim=-1).to(cams.dtype)
+    x, y = tri[..., 0] / z, tri[..., 1] / z
+    uv = torch.stack([fx * x + skew * y, fy * y], dim=-1)  # [P, 3, 2], principal point dropped
+    centre = torch.stack([j + 0.5 - cx, i + 0.5 - cy], dim=-1).to(cams.dtype)
     d = uv - centre[:, None, :]  # corners relative to the pixel centre, for precision
     # Screen barycentric of the pixel centre: λ_k ∝ signed area of the opposite sub-triangle.
-    cross = d[:, [1, 2, 0], 0] * d[:, [2, 0, 1], 1] - d[:, [1, 2, 0], 1] * d[:, [2, 0, 1], 0]
+    d1, d2 = d.roll(-1, dims=1), d.roll(-2, dims=1)  # rows (d1, d2, d0) and (d2, d0, d1)
+    cross = d1[..., 0] * d2[..., 1] - d1[..., 1] * d2[..., 0]
     lam = cross / cross.sum(dim=1, keepdim=True)
     w = lam / z  # perspective correction: weights ∝ λ_k / z_k
     inv_depth = w.sum(dim=1)
-    bary = bary.index_put((b, i, j), w / inv_depth[:, None])
-    depth = depth.index_put((b, i, j), 1.0 / inv_depth)
+    bary = bary.reshape(-1, 3).index_copy(0, flat, w / inv_depth[:, None]).view(B, H, W, 3)
+    depth = depth.reshape(-1).index_copy(0, flat, 1.0 / inv_depth).view(B, H, W)
     return bary, depth
 
 
@@ -302,6 +309,8 @@ def interpolate(
         raise ValueError(f"interpolate: raster refers to face {int(face_ids.max())} but faces "
                          f"has only {num_faces} rows")
     mask = face_ids >= 0
+    if num_faces == 0:  # nothing can be visible
+        return attrs.new_zeros(*face_ids.shape, attrs.shape[-1])
     corners = faces.to(attrs.device)[face_ids.clamp_min(0)]  # [B, H, W, 3]
     if attrs.dim() == 2:
         values = attrs[corners]  # [B, H, W, 3, C]

@@ -1,0 +1,48 @@
+"""Every config group option composes; experiment files hold only overrides; typos are caught."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ("data", "model", "trainer", "eval", "experiment")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes(group, option):
+    cfg = _compose("train", [f"{group}={option}"])
+    OmegaConf.resolve(cfg.trainer)
+    assert cfg.model._target_ and cfg.data._target_
+    if group != "experiment":
+        assert OmegaConf.select(cfg, group) is not None
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "prepare_data"])
+def test_top_level_configs_compose(name):
+    cfg = _compose(name, [])
+    assert cfg.task_name == name
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiment_files_are_global_packages(option):
+    text = (CONFIGS / "experiment" / f"{option}.yaml").read_text()
+    assert "# @package _global_" in text.splitlines()[0], f"{option}.yaml must start with '# @package _global_'"
+
+
+def test_typo_in_override_is_a_struct_error_naming_the_key():
+    with pytest.raises(ConfigCompositionException, match="trainer.max_stpes"):
+        _compose("train", ["trainer.max_stpes=3"])
