@@ -44,7 +44,7 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: float) -> Path 
 def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device: torch.device | None = None,
                     save_images: bool = True, save_video: bool = True, with_lpips: bool = True,
                     timing_repeats: int = 20, timing_warmup: int = 5,
-                    show_progress: bool = True) -> dict[str, Any]:
+                    show_progress: bool = True, lpips_weights: str | None = None) -> dict[str, Any]:
     """Render every frame of ``dataset``, score it, time it, and save renders beside the truth.
 
     Writes ``run_dir/test_renders/NNNNN.png`` (render | ground truth) and
@@ -66,7 +66,7 @@ def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device
         per_frame["ssim"].append(ssim(pred, gt).item())
         if lpips_reason is None:
             try:
-                per_frame["lpips"].append(lpips(pred, gt).item())
+                per_frame["lpips"].append(lpips(pred, gt, alexnet_path=lpips_weights).item())
             except MetricUnavailable as exc:
                 lpips_reason = exc.reason
         side = to_uint8(torch.cat([pred[0], gt[0]], dim=1).cpu().numpy())

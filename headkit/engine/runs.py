@@ -44,7 +44,8 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", eval_cfg: DictCon
     ecfg = dict(eval_cfg or {})
     metrics = model.evaluate(FrameDataset(subject, "test"), run_dir, device=dev,
                              with_lpips=bool(ecfg.get("lpips", True)), save_video=bool(ecfg.get("video", True)),
-                             timing_repeats=int(ecfg.get("timing_repeats", 20)), show_progress=show_progress)
+                             timing_repeats=int(ecfg.get("timing_repeats", 20)),
+                             lpips_weights=ecfg.get("lpips_weights"), show_progress=show_progress)
     metrics.update({"checkpoint": str(path), "steps": int(state["step"]),
                     "config_name": str(cfg.get("experiment_name", "default")), "method": type(model).__name__})
     write_metrics(run_dir, metrics, merge=True)

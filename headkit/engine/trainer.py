@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if tcfg.resume and (run_dir / "config.yaml").is_file():
         check_config_compatible(load_config(run_dir), cfg, ignore=RESUME_MAY_CHANGE)
     save_config(run_dir, cfg)
-    seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.seed), deterministic=bool(tcfg.get("deterministic", False)))
     device = device_from_string(tcfg.device)
 
     subject = instantiate(cfg.data, _convert_="all")
@@ -140,7 +140,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ecfg = cfg.get("eval", {}) or {}
     metrics = model.evaluate(test_set, run_dir, device=device, with_lpips=bool(ecfg.get("lpips", True)),
                              save_video=bool(ecfg.get("video", True)),
-                             timing_repeats=int(ecfg.get("timing_repeats", 20)),
+                             timing_repeats=int(ecfg.get("timing_repeats", 20)), lpips_weights=ecfg.get("lpips_weights"),
                              show_progress=bool(tcfg.progress))
     metrics.update({"config_name": str(cfg.get("experiment_name") or cfg.get("task_name", "train")),
                     "method": type(model).__name__, "steps": steps_done,
