@@ -67,10 +67,9 @@ def look_at(
     Returns:
         ``[..., 4, 4]`` camtoworld matrices.
     """
-    eyes, targets = torch.broadcast_tensors(eyes, targets)
     if ups is None:
         ups = torch.tensor([0.0, 1.0, 0.0], dtype=eyes.dtype, device=eyes.device)
-    ups = ups.to(eyes).expand_as(eyes)
+    eyes, targets, ups = torch.broadcast_tensors(eyes, targets, ups.to(eyes))
     forward = targets - eyes
     fnorm = forward.norm(dim=-1, keepdim=True)
     if bool((fnorm <= 1e-12).any()):

@@ -120,7 +120,7 @@ def plan_frame(t: int, warp_distance: int, num_workers: int, schedule: str = "ca
     j = t // k
     if j == 0:  # bootstrap: the first group warps from frame 0's cache on worker 0
         return [Job(0, "warp", True)]
-    warp = Job((j - 1) % n, "warp", True)
+    warp = Job(j % n, "warp", True)
     return [Job(j % n, "cache", False), warp] if t % k == 0 else [warp]
 
 

@@ -62,6 +62,15 @@ def test_look_at_up_vector_appears_up_in_image():
     assert pix[0, 1, 0] > 16 and abs(pix[0, 1, 1] - 16) < 1e-5
 
 
+def test_look_at_custom_up_and_broadcasting():
+    # Looking along world +x with world +z up: image down (camera y) is world -z, right is -y.
+    c2w = look_at(torch.zeros(3), torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]]),
+                  torch.tensor([0.0, 0.0, 1.0]))
+    assert c2w.shape == (2, 4, 4)
+    assert torch.allclose(c2w[0, :3, :3], torch.tensor([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]]), atol=1e-6)
+    assert torch.allclose(c2w[1, :3, 1], torch.tensor([0.0, 0, -1]), atol=1e-6)
+
+
 def test_look_at_rejects_degenerate_inputs():
     with pytest.raises(ValueError, match="parallel"):
         look_at(torch.tensor([0.0, 5.0, 0.0]), torch.zeros(3))
