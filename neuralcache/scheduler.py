@@ -120,7 +120,7 @@ def plan_frame(t: int, warp_distance: int, num_workers: int, schedule: str = "ca
     j = t // k
     if j == 0:  # bootstrap: the first group warps from frame 0's cache on worker 0
         return [Job(0, "warp", True)]
-    warp = Job(j % n, "warp", True)
+    warp = Job((j - 1) % n, "warp", True)
     return [Job(j % n, "cache", False), warp] if t % k == 0 else [warp]
 
 
@@ -302,6 +302,12 @@ class ParallelRenderer:
                     if stop.is_set():
                         return  # closed by the consumer while it held this output
                 if exhausted and next_out == dispatched:
+                    # Let trailing cache jobs (no output of their own) finish, so their errors
+                    # surface here instead of vanishing with the threads.
+                    while caches_in_flight > 0:
+                        if self._get(cache_q, stop) is _SENTINEL:
+                            return
+                        caches_in_flight -= 1
                     return
                 if not exhausted and dispatched - next_out < self.max_in_flight:
                     try:

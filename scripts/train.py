@@ -1,10 +1,12 @@
 """Train an avatar: ``python scripts/train.py [experiment=NAME] [key=value ...]``."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from headkit.engine.evaluate import format_table
-from headkit.engine.trainer import train
+from headkit.engine.trainer import MissingConfigValue, train
 
 COLUMNS = ["psnr", "ssim", "l2", "lpips", "time_per_frame_ms", "fps", "model_size_mb", "device"]
 
@@ -12,7 +14,10 @@ COLUMNS = ["psnr", "ssim", "l2", "lpips", "time_per_frame_ms", "fps", "model_siz
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; prints the test metrics and returns PSNR (for sweepers)."""
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except MissingConfigValue as exc:  # e.g. experiment=insta_subject without data.root
+        sys.exit(f"error: {exc}")
     print(format_table([metrics], COLUMNS))
     if metrics.get("lpips") is None and metrics.get("lpips_unavailable_reason"):
         print(f"LPIPS unavailable: {metrics['lpips_unavailable_reason']}")

@@ -113,6 +113,11 @@ def test_worker_error_reaches_caller_with_device_and_threads_are_joined():
     assert isinstance(info.value.__cause__, ValueError)
     assert got == list(range(len(got))) and len(got) <= 5
     assert _worker_threads() == []
+    # A failing cache job that emits nothing (Algorithm 1) still reaches the caller.
+    with ParallelRenderer(["a", "b"], lambda d: FakeWorker(d, 0, fail_at=4 if d == "a" else None),
+                          warp_distance=2, schedule="algorithm1") as r:
+        with pytest.raises(WorkerError, match=r"device 'a' failed in cache \(frame 4\)"):
+            list(r.run(range(5)))
     with pytest.raises(WorkerError, match="'cpu:1' failed in make_worker"):
         ParallelRenderer(["cpu:0", "cpu:1"], lambda d: 1 / 0 if d == "cpu:1" else FakeWorker(d, 0))
     with pytest.raises(WorkerError, match="'cpu' failed in warp \\(frame 1\\)"):

@@ -128,3 +128,11 @@ def test_invalid_value_names_key(tmp_path):
     cfg = make_cfg(tmp_path, "bad", batch_size=0)
     with pytest.raises(ValueError, match="trainer.batch_size=0"):
         train(cfg)
+
+
+def test_missing_mandatory_value_is_one_clear_line(tmp_path):
+    from headkit.engine.trainer import MissingConfigValue
+    cfg = make_cfg(tmp_path, "missing")
+    cfg.data.root = "???"
+    with pytest.raises(MissingConfigValue, match=r"data\.root.*data\.root=\.\.\."):
+        train(cfg)

@@ -35,8 +35,21 @@ RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.resume", "trainer.device", "t
                      "paths.*", "run_dir")
 
 
+class MissingConfigValue(ValueError):
+    """A mandatory config value (``???``) was not set; the message names the keys."""
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Raise :class:`MissingConfigValue` naming every ``???`` key, e.g. ``data.root``."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise MissingConfigValue("missing config value(s): " + ", ".join(missing) + "; set them on the "
+                                 "command line, e.g. " + " ".join(f"{k}=..." for k in missing))
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Reject invalid values early with the offending key named."""
+    """Reject missing and invalid values early with the offending key named."""
+    check_missing(cfg)
     t = cfg.trainer
     checks = [("trainer.max_steps", t.max_steps >= 0), ("trainer.batch_size", t.batch_size >= 1),
               ("trainer.log_every", t.log_every >= 1), ("trainer.ckpt_every", t.ckpt_every >= 1),
