@@ -10,15 +10,17 @@ discs tangent to the sphere with a log-normal spread of sizes, world scale shrin
 is ~2 px sigma at 128^2. The loss is a fixed random weighting of colour, depth and alpha.
 Each timing is the median over ``--reps`` runs after one warm-up. Peak memory: CUDA
 ``max_memory_allocated``; CPU the growth of the process' max RSS (``ru_maxrss``) during the
-first run of that configuration (0 when an earlier run already reached that level), so run
-a single configuration for a clean CPU number. ``--dense`` also times the dense reference
-of ``tests/gaussian_reference.py`` (every Gaussian against every pixel) for the ratio.
+warm-up run, each configuration in a fresh process (so it includes the allocator's own
+overhead but not an earlier configuration's high-water mark). ``--dense`` also times the
+dense reference of ``tests/gaussian_reference.py`` (every Gaussian against every pixel,
+forward+backward in bands of rows to bound memory) for the speed ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import resource
 import statistics
@@ -100,6 +102,46 @@ def time_fwd_bwd(render, inputs, weights, reps: int, device: str) -> tuple[float
     return statistics.median(fwd), statistics.median(both), peak
 
 
+def run_config(backend: str, size: int, n: int, reps: int, device: str,
+               tile_size: int | None, threads: int | None) -> dict:
+    """Time one configuration (meant to run in a fresh process, for a clean max RSS)."""
+    if threads:
+        torch.set_num_threads(threads)
+    inputs = head_scene(n, size, device)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.rand(1, size, size, c, generator=g).to(device) for c in (3, 1, 1)]
+
+    def render(*xs):
+        return rasterize_gaussians(*xs, size, size, backend=backend, tile_size=tile_size)[:3]
+
+    fwd, both, peak = time_fwd_bwd(render, inputs, weights, reps, device)
+    return dict(backend=backend, size=size, n=n, fwd=fwd, fwd_bwd=both, peak_mb=peak)
+
+
+def run_dense(size: int, n: int, reps: int, device: str, threads: int | None) -> dict:
+    """Time forward+backward of the dense reference, band by band (bounded memory)."""
+    if threads:
+        torch.set_num_threads(threads)
+    from tests.gaussian_reference import dense_render
+
+    inputs = head_scene(n, size, device)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.rand(1, size, size, c, generator=g).to(device) for c in (3, 1, 1)]
+    band = max(1, (1 << 21) // (n * size))  # rows per band: ~2M Gaussian-pixel pairs
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for y0 in range(0, size, band):  # the loss is a sum over pixels: band grads add up
+            y1 = min(size, y0 + band)
+            outs = dense_render(*leaves, size, size, rows=(y0, y1))
+            sum((o * w[:, y0:y1]).sum() for o, w in zip(outs, weights)).backward()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return dict(backend="dense", size=size, n=n, fwd=float("nan"),
+                fwd_bwd=statistics.median(times), peak_mb=float("nan"))
+
+
 def main(argv=None) -> list[dict]:
     """Run the benchmark grid; print a markdown table and return its rows."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -110,16 +152,23 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--backends", nargs="+", default=["torch"])
     p.add_argument("--tile-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--same-process", action="store_true",
+                   help="no fresh process per configuration (faster; CPU peak memory unclean)")
     p.add_argument("--dense", action="store_true",
                    help="also time the dense reference at --dense-size / --dense-count")
     p.add_argument("--dense-size", type=int, default=128)
     p.add_argument("--dense-count", type=int, default=5000)
     p.add_argument("--dense-reps", type=int, default=1)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+    def call(fn, *a):
+        if args.same_process:
+            return fn(*a)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fn, a)
+
+    threads = args.threads or torch.get_num_threads()
+    print(f"device={args.device} threads={threads} torch={torch.__version__} "
           f"loadavg={os.getloadavg()[0]:.1f}")
     print("| backend | size | N | forward s | fwd+bwd s | peak MB |")
     print("|---|---|---|---|---|---|")
@@ -127,54 +176,20 @@ def main(argv=None) -> list[dict]:
     for backend in args.backends:
         for size in args.sizes:
             for n in args.counts:
-                inputs = head_scene(n, size, args.device)
-                g = torch.Generator().manual_seed(1)
-                weights = [torch.rand(1, size, size, c, generator=g).to(args.device)
-                           for c in (3, 1, 1)]
-
-                def render(*xs, size=size, backend=backend):
-                    out = rasterize_gaussians(*xs, size, size, backend=backend,
-                                              tile_size=args.tile_size)
-                    return out[:3]
-
-                fwd, both, peak = time_fwd_bwd(render, inputs, weights, args.reps, args.device)
-                rows.append(dict(backend=backend, size=size, n=n, fwd=fwd, fwd_bwd=both,
-                                 peak_mb=peak))
-                print(f"| {backend} | {size} | {n} | {fwd:.4f} | {both:.4f} | {peak:.0f} |",
-                      flush=True)
+                r = call(run_config, backend, size, n, args.reps, args.device, args.tile_size,
+                         args.threads)
+                rows.append(r)
+                print(f"| {backend} | {size} | {n} | {r['fwd']:.4f} | {r['fwd_bwd']:.4f} | "
+                      f"{r['peak_mb']:.0f} |", flush=True)
     if args.dense:
-        from tests.gaussian_reference import dense_render
-
         size, n = args.dense_size, args.dense_count
-        inputs = head_scene(n, size, args.device)
-        g = torch.Generator().manual_seed(1)
-        weights = [torch.rand(1, size, size, c, generator=g).to(args.device) for c in (3, 1, 1)]
-        band = max(1, (1 << 21) // (n * size))  # rows per band: ~2M Gaussian-pixel pairs
-
-        def dense_step(*xs):
-            # Forward+backward band by band (the loss is a sum over pixels, so grads add up).
-            for y0 in range(0, size, band):
-                y1 = min(size, y0 + band)
-                outs = dense_render(*xs, size, size, rows=(y0, y1))
-                loss = sum((o * w[:, y0:y1]).sum() for o, w in zip(outs, weights))
-                loss.backward()
-            return ()
-
-        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-        times = []
-        for _ in range(args.dense_reps):
-            t0 = time.perf_counter()
-            dense_step(*leaves)
-            _sync(args.device)
-            times.append(time.perf_counter() - t0)
-        dense = statistics.median(times)
-        rows.append(dict(backend="dense", size=size, n=n, fwd=float("nan"), fwd_bwd=dense,
-                         peak_mb=float("nan")))
-        print(f"| dense reference | {size} | {n} | - | {dense:.3f} | - |")
-        ours = [r for r in rows if r["backend"] == "torch" and r["size"] == size and r["n"] == n]
+        r = call(run_dense, size, n, args.dense_reps, args.device, args.threads)
+        rows.append(r)
+        print(f"| dense reference | {size} | {n} | - | {r['fwd_bwd']:.3f} | - |")
+        ours = [x for x in rows if x["backend"] == "torch" and x["size"] == size and x["n"] == n]
         if ours:
             print(f"speed-up of torch over dense at {size}^2, N={n}: "
-                  f"{dense / ours[0]['fwd_bwd']:.1f}x")
+                  f"{r['fwd_bwd'] / ours[0]['fwd_bwd']:.0f}x")
     print(f"loadavg at end={os.getloadavg()[0]:.1f}")
     return rows
 

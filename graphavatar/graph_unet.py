@@ -231,25 +231,50 @@ class _MeshHead(nn.Module):
         """Re-initialise the U-Net (heads have no other parameters)."""
         self.unet.reset_parameters()
 
-    def run_unet(
+    def encode(
         self,
-        vertices: Tensor,  # [B, V, 3]
-        expressions: Tensor | None,  # [B, E]
-        normals: Tensor | None,  # [B, V, 3]
-    ) -> dict[str, Tensor]:
+        vertices: Tensor,  # [B, V, 3] tracked mesh
+        normals: Tensor | None = None,  # [B, V, 3], computed from the faces if None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Encoder half: ``(bottleneck, skips)``; ``bottleneck`` is ``[B, latent]`` (global z) or
+        ``[B, V_L, latent]`` (``bottleneck="per_vertex"``).
+
+        Split from :meth:`decode` so the model can refine the expression with GGO (which reads
+        the bottlenecks of both U-Nets) before decoding with it.
+        """
         if vertices.dim() != 3 or vertices.shape[1:] != (self.num_vertices, 3):
             raise ValueError(f"{type(self).__name__}: expected vertices [B, {self.num_vertices}, 3] "
                              f"(the template's vertex count), got {list(vertices.shape)}")
-        if self.expression_dim and (expressions is None or expressions.shape != (vertices.shape[0], self.expression_dim)):
-            got = None if expressions is None else list(expressions.shape)
-            raise ValueError(f"{type(self).__name__}: expected expressions [{vertices.shape[0]}, "
-                             f"{self.expression_dim}] (model.expression_dim), got {got}")
         if normals is None:
             normals = vertex_normals(vertices, self.faces)
         x = torch.cat([(vertices - self.center) / self.radius, normals], dim=-1)
         if self.num_freqs:
             x = positional_encoding(x, self.num_freqs)
-        return self.unet(x, expressions if self.expression_dim else None)
+        return self.unet.encode(x)
+
+    def decode_raw(
+        self,
+        bottleneck: Tensor,  # [B, latent] or [B, V_L, latent]
+        skips: list[Tensor],  # from encode
+        expressions: Tensor | None,  # [B, E]
+    ) -> Tensor:
+        """Decoder half before the output activations: ``[B, V, out_channels]``."""
+        b = bottleneck.shape[0]
+        if self.expression_dim and (expressions is None or expressions.shape != (b, self.expression_dim)):
+            got = None if expressions is None else list(expressions.shape)
+            raise ValueError(f"{type(self).__name__}: expected expressions [{b}, {self.expression_dim}] "
+                             f"(model.expression_dim), got {got}")
+        return self.unet.decode(bottleneck, skips, expressions if self.expression_dim else None)
+
+    def forward(
+        self,
+        vertices: Tensor,  # [B, V, 3] tracked mesh
+        expressions: Tensor | None = None,  # [B, E]
+        normals: Tensor | None = None,  # [B, V, 3], computed from the faces if None
+    ) -> dict[str, Tensor]:
+        """``decode(*encode(vertices, normals), expressions)``; see the subclasses' ``decode``."""
+        bottleneck, skips = self.encode(vertices, normals)
+        return self.decode(bottleneck, skips, expressions)
 
 
 class GeometryHead(_MeshHead):
@@ -289,21 +314,31 @@ class GeometryHead(_MeshHead):
             raise ValueError(f"GeometryHead: offset_scale and scale_init must be > 0, got "
                              f"{self.offset_scale}, {self.scale_init}")
 
+    def decode(
+        self,
+        bottleneck: Tensor,  # [B, latent] or [B, V_L, latent]
+        skips: list[Tensor],  # from encode
+        expressions: Tensor | None = None,  # [B, E]
+    ) -> dict[str, Tensor]:
+        """Anchor geometry relative to the mesh: ``offsets, scales [B, V, 3]``,
+        ``quats [B, V, 4]``, ``bottleneck``. Anchor positions are ``vertices + offsets``."""
+        raw = self.decode_raw(bottleneck, skips, expressions)
+        offsets = self.offset_scale * raw[..., 0:3]
+        identity = raw.new_tensor([1.0, 0.0, 0.0, 0.0])
+        quats = F.normalize(raw[..., 3:7] + identity, dim=-1)
+        scales = torch.exp(raw[..., 7:10] + math.log(self.scale_init))
+        return {"offsets": offsets, "quats": quats, "scales": scales, "bottleneck": bottleneck}
+
     def forward(
         self,
         vertices: Tensor,  # [B, V, 3] tracked mesh
         expressions: Tensor | None = None,  # [B, E]
         normals: Tensor | None = None,  # [B, V, 3], computed from the faces if None
     ) -> dict[str, Tensor]:
-        """Anchor geometry: ``means, offsets, scales [B, V, 3]``, ``quats [B, V, 4]``, ``bottleneck``."""
-        res = self.run_unet(vertices, expressions, normals)
-        raw = res["out"]
-        offsets = self.offset_scale * raw[..., 0:3]
-        identity = raw.new_tensor([1.0, 0.0, 0.0, 0.0])
-        quats = F.normalize(raw[..., 3:7] + identity, dim=-1)
-        scales = torch.exp(raw[..., 7:10] + math.log(self.scale_init))
-        return {"means": vertices + offsets, "offsets": offsets, "quats": quats, "scales": scales,
-                "bottleneck": res["bottleneck"]}
+        """Anchor geometry: ``decode``'s outputs plus ``means = vertices + offsets [B, V, 3]``."""
+        out = super().forward(vertices, expressions, normals)
+        out["means"] = vertices + out["offsets"]
+        return out
 
 
 class AppearanceHead(_MeshHead):
@@ -330,15 +365,14 @@ class AppearanceHead(_MeshHead):
         super().__init__(hierarchy, 3 * self.num_bases + 1, expression_dim, num_freqs, unet_kwargs)
         self.opacity_logit = math.log(opacity_init / (1.0 - opacity_init))
 
-    def forward(
+    def decode(
         self,
-        vertices: Tensor,  # [B, V, 3] tracked mesh
+        bottleneck: Tensor,  # [B, latent] or [B, V_L, latent]
+        skips: list[Tensor],  # from encode
         expressions: Tensor | None = None,  # [B, E]
-        normals: Tensor | None = None,  # [B, V, 3], computed from the faces if None
     ) -> dict[str, Tensor]:
         """Anchor appearance: ``sh_coeffs [B, V, K, 3]``, ``opacities [B, V]``, ``bottleneck``."""
-        res = self.run_unet(vertices, expressions, normals)
-        raw = res["out"]
+        raw = self.decode_raw(bottleneck, skips, expressions)
         sh = raw[..., : 3 * self.num_bases].reshape(*raw.shape[:2], self.num_bases, 3)
         opacities = torch.sigmoid(raw[..., -1] + self.opacity_logit)
-        return {"sh_coeffs": sh, "opacities": opacities, "bottleneck": res["bottleneck"]}
+        return {"sh_coeffs": sh, "opacities": opacities, "bottleneck": bottleneck}

@@ -147,8 +147,8 @@ _DIM_ARGS = {"cam_positions": "cam_dim", "poses": "pose_dim", "expressions": "ex
 
 def _delta_uvs(cache: Cache, params: FrameParams, size: tuple[int, int]) -> Tensor:
     """ΔU_{t+1} = U_{t+1} - U_t (background zeroed first, so a pixel that changes between
-    face and background gets a large difference), area-averaged to the cache resolution.
-    Returns ``[B, 2, h, w]``."""
+    face and background gets a large difference), area-averaged to ``size``.
+    Returns ``[B, 2, *size]``."""
     new = params.uvs * params.masks.to(params.uvs.dtype).unsqueeze(-1)
     old = cache.params.uvs * cache.params.masks.to(cache.params.uvs.dtype).unsqueeze(-1)
     return F.interpolate((new - old).permute(0, 3, 1, 2), size=size, mode="area")
@@ -196,10 +196,12 @@ class ImplicitWarp(nn.Module):
         F_1 &= W_1(C^{(3)}_t,\; C^{(4)}_t Δh_{t+1},\; \bar θ_{t+1},\; ΔU_{t+1}) \\
         I_{t+1} &= W_2(F_1,\; C^{(5)}_t Δh_{t+1})
 
-    with ``θ̄`` broadcast over the cache resolution, ``ΔU`` area-downsampled to it, and the
-    arguments of each layer concatenated along channels. ``W1``, ``W2`` are up-convolutions
-    (bilinear x2 + 3x3 conv), mirroring G's last two up layers: ``F1`` is at ``H/2``, the image
-    at ``H``.
+    with the arguments of each layer concatenated along channels. ``W1``, ``W2`` are
+    up-convolutions (bilinear x2, then 3x3 conv; W1 adds norm + ReLU, W2 the output
+    activation), mirroring G's last two up layers: C3, C4 are at ``H/4``, ``F1`` and C5 at
+    ``H/2``, the image at ``H``. W1 upsamples only the feature maps and joins ``θ̄`` and ``ΔU``
+    after its upsampling: ``θ̄`` is broadcast (upsampling a constant map would change nothing,
+    it only costs time) and ``ΔU`` is area-downsampled from full resolution straight to ``H/2``.
 
     "Δh modulates the feature map by multiplication, similar to positional encoding": as the
     texture's SH view encoding multiplies 9 of its channels, we multiply the 9 channels
@@ -216,7 +218,10 @@ class ImplicitWarp(nn.Module):
         feature_channels: channels of (C3, C4, C5), e.g. ``UNetGenerator.feature_channels``.
         pose_dim, expr_dim, cam_dim, sh_dim: sizes of θ, e, p, h.
         mlp_dim: output width of M.
-        hidden_channels: width of F1 (default: C5's channels, as G's own up layer).
+        hidden_channels: width of F1. The paper gives none; the default, half of C5's
+            channels (G's own layer at that place has all of them), is a latency choice: W1's
+            convolution at ``H/2`` is W's largest cost, and halving it brings W to about 0.3x
+            G's CPU time with the paper-sized generator (0.40-0.47x at full width).
         norm: norm after W1 (see :func:`neuralcache.generators.make_norm`).
         out_activation: ``"sigmoid"`` or ``"none"``, as G's.
     """
@@ -244,16 +249,16 @@ class ImplicitWarp(nn.Module):
         self.sh_channel_start, self.sh_dim = sh_channel_start, sh_dim
         self.cond = _Conditioning(pose_dim, expr_dim, cam_dim, sh_dim, mlp_dim, use_camera, use_pose,
                                   use_expression, use_pose_sh, use_mlp)
-        hidden = hidden_channels or self.channels[5]
+        hidden = hidden_channels or max(1, self.channels[5] // 2)
         w1_in = self.channels[3] + self.cond.out_dim + (2 if use_uv else 0)
         w1_in += self.channels[4] if 4 in layers else 0
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         self.w1 = nn.Sequential(nn.Conv2d(w1_in, hidden, 3, padding=1), make_norm(norm, hidden),
                                 nn.ReLU(inplace=True))
         w2_in = hidden + (self.channels[5] if 5 in layers else 0)
-        act = nn.Sigmoid() if out_activation == "sigmoid" else nn.Identity()
         if out_activation not in ("sigmoid", "none"):
             raise ValueError(f"unknown out_activation {out_activation!r}; expected 'sigmoid' or 'none'")
+        act = nn.Sigmoid() if out_activation == "sigmoid" else nn.Identity()
         self.w2 = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                                 nn.Conv2d(w2_in, out_channels, 3, padding=1), act)
 

@@ -45,15 +45,15 @@ def test_gradient_reaches_the_time_mlp_after_one_step():
     assert ggo.time_mlp.weight.grad.abs().sum() > 0
     assert ggo.query_proj.weight.grad.abs().sum() > 0
     # Training fits per-frame targets: the output follows the time and the bottleneck.
-    opt = torch.optim.Adam(ggo.parameters(), lr=0.02)
-    for _ in range(150):
+    opt = torch.optim.Adam(ggo.parameters(), lr=0.05)
+    for _ in range(40):
         step()
         opt.step()
     out = ggo(times, feats)
     err = (torch.cat([out["delta_expressions"], out["delta_poses"]], -1) - target).square().mean()
     # The best constant offset (the per-column mean) leaves the between-frame variance.
     best_constant = (target - target.mean(0)).square().mean()
-    assert err.item() < 0.5 * best_constant.item()
+    assert err.item() < 0.2 * best_constant.item()
 
 
 def test_output_depends_on_bottleneck_and_time():

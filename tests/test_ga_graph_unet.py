@@ -129,6 +129,24 @@ def test_heads_initial_values_and_shapes(hierarchy):
     torch.testing.assert_close(out["scales"], torch.exp(raw[..., 7:10]) * edge)
 
 
+def test_encode_then_decode_equals_forward(hierarchy):
+    """The split the model uses: encode both U-Nets, refine the expression (GGO), decode."""
+    torch.manual_seed(0)
+    V = hierarchy.num_vertices[0]
+    verts, expr = hierarchy.vertices[0][None].repeat(2, 1, 1), torch.randn(2, 4)
+    for head in (GeometryHead(hierarchy, expression_dim=4, filters=(8, 8), K=3),
+                 AppearanceHead(hierarchy, sh_degree=1, expression_dim=4, filters=(8, 8), K=3)):
+        perturb_(head)
+        full = head(verts, expr)
+        z, skips = head.encode(verts)
+        split = head.decode(z, skips, expr)
+        for key in split:
+            torch.testing.assert_close(split[key], full[key])
+        refined = head.decode(z, skips, expr + 0.5)
+        key = "offsets" if "offsets" in split else "sh_coeffs"
+        assert refined[key].shape[:2] == (2, V) and not torch.allclose(refined[key], split[key])
+
+
 def geo_inputs(head, verts):
     """The documented input features: normalised positions and normals, positionally encoded."""
     from headkit.encodings import positional_encoding

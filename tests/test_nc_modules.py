@@ -307,7 +307,7 @@ def test_warp_cached_layers_and_no_mlp():
     cache, new = _cache(), _params(seed=12)
     W = _warp(cached_layers=(3,))
     W(cache.select([3]), new)  # C4 and C5 are not needed
-    assert W.w1[0].in_channels == 16 + 6 + 2 and W.w2[1].in_channels == 12
+    assert W.w1[0].in_channels == 16 + 6 + 2 and W.w2[1].in_channels == 6
     W = _warp(cached_layers=(3, 4), use_mlp=False)
     assert W.cond.mlp is None and W.w1[0].in_channels == 16 + 16 + (2 * 3 + 2 * 6 + 2 * 5 + 9) + 2
     with pytest.raises(ValueError, match=r"lacks layers \[4\]"):
@@ -372,9 +372,9 @@ def test_count_flops_analytic_and_warp_is_light():
     assert count_flops(torch.nn.Conv2d(2, 3, 3, padding=1), torch.randn(1, 2, 4, 4)) == 2 * 16 * 2 * 3 * 9
     W = _warp()
     cache, new = _cache(), _params(seed=19)
-    # M: 2*B*in*out; W1 at 8x8: (16+16+6+2) -> 12; W2 at 16x16: (12+12) -> 3 (3x3 kernels).
+    # M: 2*B*in*out; W1 at 8x8: (16+16+6+2) -> 12/2; W2 at 16x16: (6+12) -> 3 (3x3 kernels).
     m_in = 2 * 3 + 2 * 6 + 2 * 5 + 9
-    expected = 2 * 2 * m_in * 6 + 2 * 2 * 64 * 40 * 12 * 9 + 2 * 2 * 256 * 24 * 3 * 9
+    expected = 2 * 2 * m_in * 6 + 2 * 2 * 64 * 40 * 6 * 9 + 2 * 2 * 256 * 18 * 3 * 9
     assert count_flops(W, cache, new) == expected
     # With the default widths the warp costs under a third of the generator (paper: 87/364).
     G = DNRPlus()

@@ -160,17 +160,19 @@ def plan_buckets(
 def pixel_monomials(tile_size: int, device, dtype) -> Tensor:
     """``[tile_px, 6]`` monomials ``(1, u, v, u^2, v^2, u v)`` of the pixel centres of a tile.
 
-    ``(u, v)`` are offsets from the tile's corner (``+ 0.5``: pixel centres), kept small so
-    that the quadratic expansion of the Mahalanobis distance loses little float32 precision.
+    ``(u, v)`` are pixel-centre offsets from the tile's centre, kept small so that the
+    expanded quadratic of :func:`pair_coefficients` loses little float32 precision (the
+    cancellation grows with ``(tile_size / sigma)^2``: ~1e-6 at 4 px, ~1e-4 at 16 px).
     """
     j = torch.arange(tile_size * tile_size, device=device)
-    u = (j % tile_size).to(dtype) + 0.5
-    v = torch.div(j, tile_size, rounding_mode="floor").to(dtype) + 0.5
+    half = 0.5 * tile_size
+    u = (j % tile_size).to(dtype) + 0.5 - half
+    v = torch.div(j, tile_size, rounding_mode="floor").to(dtype) + 0.5 - half
     return torch.stack([torch.ones_like(u), u, v, u * u, v * v, u * v], dim=-1)
 
 
 def pair_coefficients(
-    pair_attrs: Tensor,  # [Tb, K, 6] (mx, my, a, b, c, log o), means relative to the tile corner
+    pair_attrs: Tensor,  # [Tb, K, 6] (mx, my, a, b, c, log o), means relative to the tile centre
 ) -> Tensor:
     """Coefficients of the exponent ``log o - sigma`` as a quadratic in the pixel offset.
 
@@ -223,7 +225,8 @@ class CompositeTiles(torch.autograd.Function):
     def forward(ctx, coeffs: Tensor, features: Tensor, monomials: Tensor) -> Tensor:
         Tb, K, _ = coeffs.shape
         # One 2D GEMM for all pairs: far cheaper on CPU than many tiny batched products.
-        alphas = (coeffs.reshape(Tb * K, 6) @ monomials.T).reshape(Tb, K, -1)  # powers
+        powers = coeffs.reshape(Tb * K, 6) @ monomials.T
+        alphas = powers.reshape(Tb, K, monomials.shape[0])
         alphas.exp_().clamp_(max=ALPHA_MAX)
         alphas.masked_fill_(alphas < ALPHA_THRESHOLD, 0.0)
         trans = torch.log1p(-alphas)  # log(1 - alpha)
@@ -282,47 +285,48 @@ def rasterize_tiles(
         ``[C, height, width, F]``: ``sum_i alpha_i T_i f_i`` per pixel (no background).
     """
     C, N, F = features.shape
+    dtype, device = means2d.dtype, means2d.device
     tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
     tile_px = tile_size * tile_size
-    pair_gauss, pair_tiles, tile_counts = bin_gaussians(
-        means2d, conics, opacities.expand(C, N), radii, depths, tile_size, tiles_x, tiles_y)
-
-    dtype, device = means2d.dtype, means2d.device
-    n_tiles = C * tiles_x * tiles_y
-    out_tiles = torch.zeros(n_tiles, tile_px, F, dtype=dtype, device=device)
+    opacities = opacities.expand(C, N)
+    pair_gauss, _, tile_counts = bin_gaussians(
+        means2d, conics, opacities, radii, depths, tile_size, tiles_x, tiles_y)
     buckets = plan_buckets(tile_counts, tile_px, bucket_ratio, max_bucket_elements)
-    if buckets:
-        log_opacities = torch.log(opacities.expand(C, N).clamp_min(ALPHA_THRESHOLD))
-        # One table row per (camera, Gaussian) plus a padding row that never contributes.
-        attrs = torch.cat([means2d, conics, log_opacities[..., None]], dim=-1).reshape(C * N, 6)
-        pad_attr = torch.zeros(1, 6, dtype=dtype, device=device)
-        pad_attr[0, 5] = _PAD_LOG_OPACITY
-        attrs = torch.cat([attrs, pad_attr], dim=0)  # [CN + 1, 6]
-        feats = torch.cat([features.reshape(C * N, F),
-                           torch.zeros(1, F, dtype=dtype, device=device)], dim=0)
-        monomials = pixel_monomials(tile_size, device, dtype)
-        tile_starts = torch.cumsum(tile_counts, 0) - tile_counts  # [n_tiles]
-        per_tile_x = torch.arange(n_tiles, device=device) % tiles_x
-        per_tile_y = torch.div(torch.arange(n_tiles, device=device), tiles_x,
-                               rounding_mode="floor") % tiles_y
-        pad_id = torch.full((1,), C * N, device=device, dtype=torch.long)
-        results, result_tiles = [], []
-        for tile_ids, k in buckets:
-            slots = torch.arange(k, device=device)
-            idx = tile_starts[tile_ids, None] + slots  # [Tb, K]
-            filled = slots < tile_counts[tile_ids, None]
-            gids = torch.where(filled, pair_gauss[idx.clamp_max(pair_gauss.numel() - 1)], pad_id)
-            flat = gids.reshape(-1)
-            pair_attrs = attrs.index_select(0, flat).reshape(gids.shape + (6,))
-            corners = torch.stack([per_tile_x[tile_ids], per_tile_y[tile_ids]], -1) * tile_size
-            offsets = torch.cat([corners.to(dtype)[:, None, :],
-                                 torch.zeros(len(tile_ids), 1, 4, dtype=dtype, device=device)],
-                                dim=-1)  # [Tb, 1, 6]: only the means move to tile coordinates
-            pair_feats = feats.index_select(0, flat).reshape(gids.shape + (F,))
-            coeffs = pair_coefficients(pair_attrs - offsets)
-            results.append(CompositeTiles.apply(coeffs, pair_feats, monomials))
-            result_tiles.append(tile_ids)
-        out_tiles = out_tiles.index_copy(0, torch.cat(result_tiles), torch.cat(results))
+    if not buckets:
+        # Nothing visible: one empty bucket keeps the output attached to the autograd graph.
+        buckets = [(torch.zeros(0, dtype=torch.long, device=device), 1)]
+
+    # One table row per (camera, Gaussian) plus a padding row whose alpha is always 0.
+    log_opacities = torch.log(opacities.clamp_min(ALPHA_THRESHOLD))
+    attrs = torch.cat([means2d, conics, log_opacities[..., None]], dim=-1).reshape(C * N, 6)
+    pad_attr = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, _PAD_LOG_OPACITY]], dtype=dtype,
+                            device=device)
+    attrs = torch.cat([attrs, pad_attr], dim=0)  # [CN + 1, 6]
+    feats = torch.cat([features.reshape(C * N, F), features.new_zeros(1, F)], dim=0)
+    monomials = pixel_monomials(tile_size, device, dtype)
+    tile_starts = torch.cumsum(tile_counts, 0) - tile_counts  # [n_tiles]
+    last_pair = max(pair_gauss.numel() - 1, 0)
+    pair_gauss = torch.cat([pair_gauss, pair_gauss.new_full((1,), C * N)])  # never empty
+
+    results, result_tiles = [], []
+    for tile_ids, k in buckets:
+        slots = torch.arange(k, device=device)
+        idx = tile_starts[tile_ids, None] + slots  # [Tb, K]
+        filled = slots < tile_counts[tile_ids, None]
+        gids = torch.where(filled, pair_gauss[idx.clamp_max(last_pair)], C * N).reshape(-1)
+        # Means move to tile-centre coordinates (see pixel_monomials).
+        centres = torch.stack([tile_ids % tiles_x,
+                               torch.div(tile_ids, tiles_x, rounding_mode="floor") % tiles_y],
+                              dim=-1).to(dtype) * tile_size + 0.5 * tile_size  # [Tb, 2]
+        shift = torch.cat([centres, centres.new_zeros(len(tile_ids), 4)], dim=-1)[:, None]
+        Tb = len(tile_ids)
+        pair_attrs = attrs.index_select(0, gids).reshape(Tb, k, 6) - shift  # [Tb, K, 6]
+        pair_feats = feats.index_select(0, gids).reshape(Tb, k, F)  # [Tb, K, F]
+        coeffs = pair_coefficients(pair_attrs)
+        results.append(CompositeTiles.apply(coeffs, pair_feats, monomials))
+        result_tiles.append(tile_ids)
+    out_tiles = torch.zeros(C * tiles_y * tiles_x, tile_px, F, dtype=dtype, device=device)
+    out_tiles = out_tiles.index_copy(0, torch.cat(result_tiles), torch.cat(results))
 
     images = out_tiles.reshape(C, tiles_y, tiles_x, tile_size, tile_size, F)
     images = images.permute(0, 1, 3, 2, 4, 5).reshape(C, tiles_y * tile_size,
