@@ -26,9 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import fast_simplification
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 from torch import Tensor
+
+from headkit.mesh import edge_index
 
 __all__ = ["MeshHierarchy", "build_mesh_hierarchy", "closest_point_barycentrics"]
 
@@ -146,8 +150,6 @@ def _closest_triangles(
     candidate set (a superset of the answer), and only those pairs are tested exactly, so the
     result equals a brute-force search at a fraction of its cost.
     """
-    from scipy.spatial import cKDTree
-
     corners = vertices[faces]  # [Fc, 3, 3]
     centroids = corners.mean(axis=1)
     radii = np.linalg.norm(corners - centroids[:, None], axis=-1).max(axis=1)
@@ -184,8 +186,6 @@ def _decimate(
     collapsed into another one (COMA's D keeps original positions, it does not use the quadric
     optimum).
     """
-    import fast_simplification
-
     target = int(round(faces.shape[0] / factor))
     if target < 4:
         raise ValueError(
@@ -213,13 +213,6 @@ def _decimate(
         raise RuntimeError(f"{where}: decimation left coarse vertices without a parent")
     parents = valid[order][first]
     return parents, dec_faces
-
-
-def _edge_index(faces: np.ndarray) -> Tensor:  # [F, 3]
-    """Undirected edges of a triangle list in both directions, ``[2, E]`` int64."""
-    from headkit.mesh import edge_index
-
-    return edge_index(torch.as_tensor(faces, dtype=torch.int64))
 
 
 def _hash(vertices: np.ndarray, faces: np.ndarray, factors: tuple[float, ...],
@@ -283,7 +276,7 @@ def _assemble(arrays: dict[str, np.ndarray], factors: tuple[float, ...]) -> Mesh
         up_weights.append(upw)
         downs.append(down.coalesce())
         ups.append(up.coalesce())
-    edge_indices = [_edge_index(f.numpy()) for f in faces]
+    edge_indices = [edge_index(f) for f in faces]
     return MeshHierarchy(vertices, faces, edge_indices, downs, ups, parents, up_vertices,
                          up_weights, tuple(factors))
 

@@ -161,7 +161,11 @@ class UNetGenerator(nn.Module):
             if m is not self and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
 
-    def forward(self, x: Tensor, return_features: bool = False) -> dict[str, Tensor | dict[int, Tensor]]:  # [B, Cin, H, W]
+    def forward(
+        self,
+        x: Tensor,  # [B, in_channels, H, W]
+        return_features: bool = False,
+    ) -> dict[str, Tensor | dict[int, Tensor]]:
         """Run G. Returns ``{"images": [B, H, W, 3]}`` plus ``"features"`` (cached layers
         ``{3: [B, C3, H/4, W/4], 4: [B, C4, H/4, W/4], 5: [B, C5, H/2, W/2]}``) on request."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -299,6 +299,8 @@ class ParallelRenderer:
                     self.latencies_s.append(arrivals.pop(next_out) - starts.pop(next_out))
                     yield next_out, pending.pop(next_out)
                     next_out += 1
+                    if self._error is not None:
+                        raise self._error
                     if stop.is_set():
                         return  # closed by the consumer while it held this output
                 if exhausted and next_out == dispatched:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch_geometric.nn import ChebConv
 
-from graphavatar.graph_unet import AppearanceHead, GeometryHead, GraphUNet, sparse_apply
+from graphavatar.graph_unet import (AppearanceHead, GeometryHead, GraphUNet, cheb_filter,
+                                    scaled_laplacian, sparse_apply)
 from graphavatar.sampling import build_mesh_hierarchy
 from headkit.mesh import icosphere
 
@@ -43,14 +44,18 @@ def dense_chebyshev(x, edge_index, weights, bias):  # [B, V, C], [2, E], [K, Cin
     return sum(t @ w.double() for t, w in zip(T, weights)) + bias.double()
 
 
-def test_chebconv_batched_matches_dense_reference_and_per_frame(hierarchy):
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_cheb_filter_matches_chebconv_per_frame_and_a_dense_reference(hierarchy, K):
     torch.manual_seed(0)
-    conv = ChebConv(5, 7, K=4)
+    conv = ChebConv(5, 7, K=K)
+    V = hierarchy.num_vertices[0] + 1  # plus an isolated vertex (no edges), like iris landmarks
     ei = hierarchy.edge_indices[0]
-    x = torch.randn(3, hierarchy.num_vertices[0], 5)
-    batched = conv(x, ei)  # [B, V, C] in one call: PyG propagates along node_dim = -2
-    per_frame = torch.stack([conv(x[b], ei) for b in range(3)])
+    x = torch.randn(3, V, 5)
+    lap = scaled_laplacian(ei, V)
+    batched = cheb_filter(conv, x, lap)  # all frames in one sparse recursion
+    per_frame = torch.stack([conv(x[b], ei) for b in range(3)])  # PyG, one frame at a time
     torch.testing.assert_close(batched, per_frame, atol=1e-5, rtol=0)
+    torch.testing.assert_close(conv(x, ei), per_frame, atol=1e-5, rtol=0)  # PyG on [B, V, C]
     weights = torch.stack([lin.weight.t() for lin in conv.lins])  # [K, Cin, Cout]
     ref = dense_chebyshev(x, ei, weights, conv.bias)
     torch.testing.assert_close(batched.double(), ref, atol=1e-5, rtol=0)

@@ -109,6 +109,7 @@ def test_worker_error_reaches_caller_with_device_and_threads_are_joined():
     with pytest.raises(WorkerError, match=r"device 'cpu:1' failed in cache \(frame 5\): ValueError: boom at 5") as info:
         for t, _ in r.run(range(50)):
             got.append(t)
+            time.sleep(0.02)  # a slow consumer: the failure happens while it holds an output
     assert info.value.device == "cpu:1" and info.value.index == 5
     assert isinstance(info.value.__cause__, ValueError)
     assert got == list(range(len(got))) and len(got) <= 5

@@ -91,7 +91,8 @@ def test_masks_match_images_and_are_antialiased(subject):
     for t in range(subject.num_frames):
         fg = subject.masks[t] > 0
         assert 0.1 < fg.mean() < 0.8  # a head, and some background
-        np.testing.assert_array_equal(subject.images[t][~fg], np.broadcast_to(bg, subject.images[t][~fg].shape))
+        outside = subject.images[t][~fg]
+        np.testing.assert_array_equal(outside, np.broadcast_to(bg, outside.shape))
         assert (np.abs(subject.images[t][subject.masks[t] == 255].astype(int) - bg).sum(-1) > 0).mean() > 0.99
     soft = (subject.masks > 0) & (subject.masks < 255)
     assert soft.any() and soft.mean() < 0.05  # anti-aliased boundary pixels only
@@ -103,7 +104,8 @@ def test_blendshapes_are_localised(head):
     V = head.num_skin_vertices
     rest = head.rest_vertices[:V].numpy()
     x, y, z = rest.T
-    moves = {n: np.linalg.norm(head.blendshapes[i, :V].numpy(), axis=-1) for i, n in enumerate(head.blendshape_names)}
+    moves = {n: np.linalg.norm(head.blendshapes[i, :V].numpy(), axis=-1)
+             for i, n in enumerate(head.blendshape_names)}
     assert len(head.blendshape_names) == 10
     jaw = moves["jaw_open"]
     chin = (y < MOUTH_Y - 0.01) & (y > -0.11) & (z > 0.05)
@@ -143,7 +145,8 @@ def test_shading_is_view_dependent():
     # N = L = V: diffuse 0.4 (0.2 + 0.5), highlight 0.5 * 0.5 * 1^10.
     assert torch.allclose(colour, torch.full((1, 3), 0.4 * 0.7 + 0.25)) and torch.allclose(spec, one * 0.25)
     tilted = torch.tensor([[math.sin(0.5), 0.0, math.cos(0.5)]])
-    colour2, spec2 = shade_blinn_phong(torch.full((1, 3), 0.4), one * 0.5, one * 10, one, n, tilted, light, 0.2, 1.0)
+    colour2, spec2 = shade_blinn_phong(torch.full((1, 3), 0.4), one * 0.5, one * 10, one, n, tilted, light,
+                                       0.2, 1.0)
     assert torch.allclose(colour2 - spec2, colour - spec)  # Lambert ignores the viewer
     assert torch.allclose(spec2, one * 0.25 * math.cos(0.25) ** 10)
 
@@ -170,7 +173,8 @@ def test_render_highlights_move_with_the_camera(head):
 def test_tracking_noise(subject):
     for key in ("camtoworlds", "expressions", "vertices", "head_poses"):
         np.testing.assert_array_equal(getattr(subject, key), subject.extras[f"true_{key}"])
-    noisy = generate_synthetic_subject(**TINY, seed=0, tracking_noise=dict(pose_rot_deg=1.0, pose_trans=0.005, expression=0.05))
+    noise = dict(pose_rot_deg=1.0, pose_trans=0.005, expression=0.05)
+    noisy = generate_synthetic_subject(**TINY, seed=0, tracking_noise=noise)
     truth = noisy.extras
     rel = np.linalg.inv(truth["true_camtoworlds"].astype(np.float64)) @ noisy.camtoworlds
     angles = np.degrees(so3_log(torch.from_numpy(noisy.camtoworlds[:, :3, :3] @ np.swapaxes(
@@ -188,12 +192,13 @@ def test_motion_is_defined_in_seconds():
     t30, t60 = np.arange(90) / 30.0, np.arange(180) / 60.0
     np.testing.assert_allclose(head_motion(t60, seed=3)[::2], head_motion(t30, seed=3), atol=1e-12)
     names = ["jaw_open", "blink_left", "blink_right", "brow_raise", "bump_10"]
-    np.testing.assert_allclose(expression_trajectories(t60, names, 3)[::2], expression_trajectories(t30, names, 3),
-                               atol=1e-12)
+    np.testing.assert_allclose(expression_trajectories(t60, names, 3)[::2],
+                               expression_trajectories(t30, names, 3), atol=1e-12)
     # A longer clip only appends: the shared prefix (incl. random blink events) is unchanged.
     np.testing.assert_allclose(expression_trajectories(np.arange(300) / 30.0, names, 3)[:90],
                                expression_trajectories(t30, names, 3), atol=1e-12)
-    rot = np.degrees(np.abs(so3_log(torch.from_numpy(head_motion(np.arange(0, 60, 0.1), seed=3)[:, :3, :3])).numpy()))
+    rotations = torch.from_numpy(head_motion(np.arange(0, 60, 0.1), seed=3)[:, :3, :3])
+    rot = np.degrees(np.abs(so3_log(rotations).numpy()))
     assert 10 < rot.max() < 35
     small = dict(width=16, height=16, num_vertices_target=300, texture_resolution=32)
     a = generate_synthetic_subject(num_frames=4, fps=30.0, num_test=1, **small)
@@ -213,7 +218,8 @@ def test_untracked_geometry_shows_in_the_mask(subject):
     assert (mask[tracked > 0] > 0).all()  # the skin is inside the foreground
     extra = (mask > 0.5) & (tracked == 0)  # hair volume, fringe, earrings
     assert extra.sum(axis=(1, 2)).min() >= 20
-    bald = generate_synthetic_subject(**{**TINY, "num_frames": 2, "num_test": 1}, hair=False, accessories=False)
+    bald = generate_synthetic_subject(**{**TINY, "num_frames": 2, "num_test": 1}, hair=False,
+                                      accessories=False)
     assert bald.masks.astype(float).sum() < subject.masks[:2].astype(float).sum() * 0.97
 
 

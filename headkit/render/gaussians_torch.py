@@ -62,36 +62,43 @@ def bin_gaussians(
     with torch.no_grad():
         m2d = means2d.detach().reshape(C * N, 2)
         rad = radii.reshape(C * N, 2).to(m2d.dtype)
-        lo = torch.floor((m2d - rad) / tile_size)
-        hi = torch.ceil((m2d + rad) / tile_size)
         limits = torch.tensor([tiles_x, tiles_y], device=device, dtype=m2d.dtype)
-        lo = torch.minimum(lo.clamp_min(0), limits).long()  # [CN, 2]
-        hi = torch.minimum(hi.clamp_min(0), limits).long()
-        spans = (hi - lo).clamp_min(0)  # [CN, 2]
-        visible = (radii.reshape(C * N, 2) > 0).all(-1)
-        counts = spans[:, 0] * spans[:, 1] * visible  # [CN]
+        lo = torch.minimum(torch.floor((m2d - rad) / tile_size).clamp_min(0), limits)  # [CN, 2]
+        hi = torch.minimum(torch.ceil((m2d + rad) / tile_size).clamp_min(0), limits)
+        spans = (hi - lo).clamp_min(0)
+        counts = (spans[:, 0] * spans[:, 1]).long() * (radii.reshape(C * N, 2) > 0).all(-1)
 
-        gauss = torch.repeat_interleave(torch.arange(C * N, device=device), counts)  # [P]
+        # Gaussians in depth order (ties: input order), so pairs come out depth-sorted and a
+        # stable sort by tile alone finishes the job.
+        order = torch.sort(depths.detach().reshape(C * N), stable=True).indices
+        order = order[counts.index_select(0, order) > 0]
+        counts = counts.index_select(0, order)
+        cams = torch.div(order, N, rounding_mode="floor").to(m2d.dtype)
+        # Per-Gaussian row copied to each of its pairs: box corner (the camera folded into
+        # the tile row), box width, then what tile_reaches needs.
+        table = torch.cat([lo[:, :1], lo[:, 1:] + 0.0, spans[:, :1], m2d,
+                           conics.detach().reshape(C * N, 3),
+                           opacities.detach().reshape(C * N, 1)], dim=-1).index_select(0, order)
+        table[:, 1] += cams * tiles_y
+        owner = torch.repeat_interleave(torch.arange(len(order), device=device), counts)
+        rows = table.index_select(0, owner)  # [P, 9]
         starts = torch.cumsum(counts, 0) - counts
-        local = torch.arange(gauss.numel(), device=device) - starts[gauss]
-        span_x = spans[gauss, 0]
-        tx = lo[gauss, 0] + local % span_x
-        ty = lo[gauss, 1] + local // span_x
-
-        corners = torch.stack([tx, ty], -1).to(m2d.dtype) * tile_size  # [P, 2]
-        hits = tile_reaches(m2d[gauss] - corners, conics.detach().reshape(C * N, 3)[gauss],
-                            opacities.detach().reshape(C * N)[gauss], tile_size)
-        gauss, tx, ty = gauss[hits], tx[hits], ty[hits]
-        tiles = (torch.div(gauss, N, rounding_mode="floor") * tiles_y + ty) * tiles_x + tx
-
-        # Rank of each Gaussian by depth within the whole batch: ties keep input order.
-        flat_depths = depths.detach().reshape(C * N)
-        ranks = torch.empty(C * N, dtype=torch.long, device=device)
-        ranks[torch.sort(flat_depths, stable=True).indices] = torch.arange(C * N, device=device)
-        keys = tiles * (C * N) + ranks[gauss]
-        order = torch.sort(keys).indices
-        tile_counts = torch.bincount(tiles, minlength=C * tiles_x * tiles_y)
-    return gauss[order], tiles[order], tile_counts
+        local = (torch.arange(len(owner), device=device) - starts.index_select(0, owner))
+        local = local.to(m2d.dtype)
+        # local = dy * span_x + dx; exact in floating point for the sizes involved (< 2^22).
+        dy = torch.floor((local + 0.5) / rows[:, 2])
+        tx = rows[:, 0] + local - dy * rows[:, 2]
+        ty = rows[:, 1] + dy  # includes the camera's block of tile rows
+        corners = torch.stack([tx, ty - torch.floor(ty / tiles_y) * tiles_y], -1) * tile_size
+        hits = torch.nonzero(tile_reaches(rows[:, 3:5] - corners, rows[:, 5:8], rows[:, 8],
+                                          tile_size)).squeeze(1)
+        tiles = (ty.index_select(0, hits) * tiles_x + tx.index_select(0, hits)).long()
+        gauss = order.index_select(0, owner.index_select(0, hits))
+        n_tiles = C * tiles_y * tiles_x
+        key_dtype = torch.int32 if n_tiles < 2**31 else torch.int64
+        by_tile = torch.sort(tiles.to(key_dtype), stable=True).indices
+        tile_counts = torch.bincount(tiles, minlength=n_tiles)
+    return gauss.index_select(0, by_tile), tiles.index_select(0, by_tile), tile_counts
 
 
 def tile_reaches(
