@@ -189,7 +189,7 @@ def scene_scale_of(viewmats: Tensor, points: Tensor) -> float:  # [C, 4, 4], [N,
 
 
 def densify_and_prune(
-    params: dict[str, Tensor],  # raw: means [N,3], log_scales [N,3], quats [N,4], opacity_logits [N], sh_dc [N,1,3], sh_rest [N,K-1,3]
+    params: dict[str, Tensor],  # raw, see below
     grads: Tensor,  # [N] mean view-space (NDC) gradient norm since the last densification
     max_radii: Tensor,  # [N] largest screen radius (pixels) since then
     *,
@@ -202,6 +202,9 @@ def densify_and_prune(
     generator: Optional[torch.Generator] = None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor, dict[str, int]]:
     """3DGS's adaptive density control on raw parameters (``densify_and_prune``).
+
+    ``params``: ``means [N, 3]``, ``log_scales [N, 3]``, ``quats [N, 4]``,
+    ``opacity_logits [N]``, ``sh_dc [N, 1, 3]``, ``sh_rest [N, K - 1, 3]``.
 
     * clone: ``grad >= grad_threshold`` and ``max scale <= percent_dense * scene_scale``:
       an exact copy is appended;
@@ -233,7 +236,8 @@ def densify_and_prune(
     n_old = int(keep.sum()) + int(clone.sum())
     if len(split_rows):
         stds = params["log_scales"][split_rows].exp()
-        eps = torch.randn(stds.shape, generator=generator, device=stds.device, dtype=stds.dtype)
+        # drawn on the CPU so one CPU generator serves every device
+        eps = torch.randn(stds.shape, generator=generator, dtype=stds.dtype).to(stds.device)
         offsets = (quat_to_rotmat(params["quats"][split_rows]) @ (stds * eps)[..., None])[..., 0]
         out["means"][n_old:] = params["means"][split_rows] + offsets
         out["log_scales"][n_old:] = params["log_scales"][split_rows] - math.log(0.8 * split_count)
@@ -336,6 +340,11 @@ def fit_static_gaussians(
         raise ValueError(f"steps, batch_size and log_every must be >= 1, got {steps}, {batch_size}, {log_every}")
     if init_means.ndim != 2 or init_means.shape[1] != 3 or len(init_means) == 0:
         raise ValueError(f"init_means must be [N, 3] with N > 0, got {list(init_means.shape)}")
+    if init_colors is not None and tuple(init_colors.shape) != (len(init_means), 3):
+        raise ValueError(f"init_colors must be [N, 3] = [{len(init_means)}, 3], got {list(init_colors.shape)}")
+    if sh_increase_every < 1 or not 0 < init_opacity < 1:
+        raise ValueError(f"need sh_increase_every >= 1 and 0 < init_opacity < 1, got "
+                         f"{sh_increase_every}, {init_opacity}")
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     all_viewmats, all_Ks = scene_cameras(subject, head_space)
@@ -512,6 +521,8 @@ def fit_3dgs(cfg) -> dict:
     from headkit.ply import save_ply
 
     seed_everything(int(cfg.seed))
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
     device = device_from_string(cfg.device)
     root = cfg.out
     if not root:

@@ -232,5 +232,6 @@ def test_fit_3dgs_writes_a_complete_run_folder(tmp_path):
     assert iio.imread(run / "render_vs_gt.png").shape == (32, 64, 3)
     assert (run / "config.yaml").is_file() and (run / "scalars.jsonl").is_file()
     # a second run with the same out= goes to a sibling folder, never over the first
-    metrics2 = fit_3dgs(cfg)
+    with pytest.warns(UserWarning, match="already holds a run"):
+        metrics2 = fit_3dgs(cfg)
     assert metrics2["run_dir"] == str(tmp_path / "run-1")

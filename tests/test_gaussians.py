@@ -308,6 +308,12 @@ def test_bad_input_errors_name_the_argument():
         rasterize_gaussians(*scene, W, H, backend="cuda")
     with pytest.raises(GaussianRasterizationError, match="opacities has dtype"):
         rasterize_gaussians(*scene[:3], scene[3].double(), *scene[4:], W, H)
+    bad = [t.clone() for t in scene]
+    bad[2][4, 1] = float("nan")
+    with pytest.raises(GaussianRasterizationError, match="scales has 1 non-finite"):
+        rasterize_gaussians(*bad, W, H)
+    with pytest.raises(GaussianRasterizationError, match="opacities must be activated"):
+        rasterize_gaussians(*scene[:3], scene[3] * 2.0 - 0.5, *scene[4:], W, H)
     if not torch.cuda.is_available():
         with pytest.raises(GaussianRasterizationError, match="needs CUDA tensors"):
             rasterize_gaussians(*scene, W, H, backend="gsplat")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from headkit.cameras import camtoworld_to_viewmat, intrinsics_from_fov, look_at, so3_log
-from headkit.data.contact_sheet import contact_sheet, save_contact_sheet
+from headkit.data.contact_sheet import contact_sheet, save_contact_sheet, subject_frames
 from headkit.data.subject import SubjectError
 from headkit.data.synthetic import (build_synthetic_head, expression_trajectories, generate_synthetic_subject,
                                     head_motion, render_head, shade_blinn_phong)
@@ -268,3 +268,12 @@ def test_contact_sheet(tmp_path):
         contact_sheet(floats, labels=["x"])
     with pytest.raises(ValueError, match="shape"):
         contact_sheet(np.zeros((2, 3)))
+
+
+def test_contact_sheet_of_a_subject(subject):
+    images, labels = subject_frames(subject, num=5)
+    assert len(images) == 5 and labels[-1] == "11*"  # the last frame is a test frame
+    widest = int(np.argmax(subject.expressions[:, 0]))
+    assert str(widest) in [label.rstrip("*") for label in labels]
+    sheet = contact_sheet(subject, cols=8)
+    assert sheet.shape == (2 * (48 + 2 + 12) + 2, 8 * (48 + 2) + 2, 3)

@@ -17,14 +17,14 @@ Projection (per camera; ``W, t`` the viewmat's rotation and translation, OpenCV 
     (and likewise in y); the 0.3 px low-pass is added without antialiasing compensation;
   * radius per axis ``ceil(e sqrt(Sigma2d_ii))`` with ``e = min(3.33, sqrt(2 ln(255 o)))``:
     gsplat 1.5's opacity-aware box, which contains every pixel with ``alpha >= 1/255``, so
-    the image does not depend on it. (The brief and the original 3DGS say ``ceil(3 sigma)``;
-    that would cut off pixels that gsplat 1.5.3 renders, so we follow gsplat.) Gaussians
-    with ``o < 1/255`` or whose box misses the image get radius 0 (culled, invisible).
+    the image does not depend on it. (The original 3DGS used ``ceil(3 sigma_max)``, which
+    cuts off pixels with ``1/255 <= alpha < o e^-4.5``; gsplat 1.5.3 renders those, so do
+    we.) Gaussians with ``o < 1/255`` or whose box misses the image get radius 0 (culled).
 
 Compositing (per pixel, Gaussians sorted front to back by camera z, per tile):
   * ``alpha_i = min(0.999, o_i exp(-d^T Sigma2d^-1 d / 2))``, ``d`` = 2D mean - pixel
     centre; pairs with ``alpha_i < 1/255`` are skipped. (0.999 is gsplat 1.5.3's clamp; the
-    original 3DGS kernel and the brief use 0.99.)
+    original 3DGS kernel used 0.99.)
   * ``T_i = prod_{j<i} (1 - alpha_j)``; compositing stops at the first Gaussian whose
     ``T_i (1 - alpha_i)`` would be ``<= 1e-4``: that one and all behind it are not applied.
   * ``color = sum_i alpha_i T_i c_i + T_final bg``, ``alpha = 1 - T_final``;
@@ -32,19 +32,23 @@ Compositing (per pixel, Gaussians sorted front to back by camera z, per tile):
     (gsplat's "D"/"RGB+D"; its "ED" divides by alpha). Divide by ``alphas`` yourself for
     expected depth where ``alphas > 0``. The background does not enter depth.
 
+Intrinsics: only ``fx, fy, cx, cy`` of ``Ks`` are read (no skew), as in gsplat's kernels.
+
 Colours: ``colors [N, D]`` (or per camera ``[C, N, D]``) are used as given, any ``D``. With
 ``sh_degree`` set, ``colors [N, K, 3]`` are SH coefficients (``K >= (sh_degree + 1)^2``, the
 first ones used) evaluated along ``mu - camera centre`` and mapped by ``max(sh + 0.5, 0)``.
 
-Backends: ``"torch"`` (:mod:`.gaussians_torch`, differentiable by autograd w.r.t. every
-float input including ``viewmats`` and ``Ks``, CPU or CUDA), ``"gsplat"`` (CUDA only;
-gsplat gives no gradient for ``Ks``), ``"auto"`` (gsplat for CUDA tensors when its
-extension loads, else torch).
+Backends: ``"torch"`` (:mod:`.gaussians_torch`: differentiable w.r.t. every float input,
+``viewmats`` and ``Ks`` included, CPU or CUDA), ``"gsplat"`` (CUDA only; gsplat gives no
+gradient for ``Ks``), ``"auto"`` (gsplat for CUDA tensors when its extension loads, which
+may JIT-compile it on first use, else torch). Inputs with NaN/Inf, or opacities outside
+[0, 1], raise :class:`GaussianRasterizationError` instead of silently vanishing.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Optional
 
 import torch
@@ -100,9 +104,9 @@ def rasterize_gaussians(
         ``means2d [C, N, 2]``, ``depths [C, N]`` (camera z), ``visible [C, N]`` bool,
         ``conics [C, N, 3]`` and ``backend`` (the one that ran).
     """
-    C, N, D = _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width,
-                            height, sh_degree, backgrounds, near_plane, far_plane, backend,
-                            tile_size)
+    _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                  sh_degree, backgrounds, near_plane, far_plane, backend, tile_size)
+    width, height = int(width), int(height)
     if backend == "auto":
         backend = "gsplat" if means.is_cuda and gsplat_available() else "torch"
     if backend == "gsplat":
@@ -180,15 +184,15 @@ def gsplat_available() -> bool:
 
 def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
                   sh_degree, backgrounds, near_plane, far_plane, backend, tile_size):
-    """Validate shapes, dtypes and devices; return ``(C, N, D)``."""
+    """Raise :class:`GaussianRasterizationError` on bad shapes, dtypes, devices or values."""
     def fail(msg):
         raise GaussianRasterizationError(f"rasterize_gaussians: {msg}")
 
     if backend not in BACKENDS:
         fail(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+    if not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
         fail(f"width and height must be positive ints, got {width!r} x {height!r}")
-    if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 1):
+    if tile_size is not None and (not _is_int(tile_size) or tile_size < 1):
         fail(f"tile_size must be a positive int, got {tile_size!r}")
     if not 0 <= near_plane < far_plane:
         fail(f"need 0 <= near_plane < far_plane, got {near_plane} and {far_plane}")
@@ -234,4 +238,22 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, 
             fail(f"{name} has dtype {t.dtype} but means has {means.dtype}")
         if t.device != means.device:
             fail(f"{name} is on {t.device} but means is on {means.device}")
-    return C, N, D
+    # NaN/Inf would otherwise make Gaussians vanish silently (culled as off-screen) rather
+    # than show up in the loss. One host sync for all checks.
+    with torch.no_grad():
+        flags = torch.stack([t.isfinite().all() for t in tensors.values()]
+                            + [((opacities >= 0) & (opacities <= 1)).all()]).tolist()
+    for (name, t), ok in zip(tensors.items(), flags):
+        if not ok:
+            fail(f"{name} has {(~t.isfinite()).sum().item()} non-finite values (NaN/Inf)")
+    if not flags[-1]:
+        fail(f"opacities must be activated, in [0, 1]; got min {opacities.min().item():.4g}, "
+             f"max {opacities.max().item():.4g}")
+
+
+def _is_int(x) -> bool:
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return not isinstance(x, bool)

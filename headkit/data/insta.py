@@ -1,0 +1,431 @@
+"""Parser for INSTA subjects (Zielonka et al., CVPR 2023), read in place with no conversion step.
+
+Layout of one subject folder, as written by INSTA's ``scripts/generate.sh`` (its
+``transforms.py`` turns a metrical-tracker run into these files)::
+
+    transforms.json          all frames; intrinsics at top level: fl_x, fl_y, cx, cy, w, h
+                             (+ camera_angle_x/y, x_fov, y_fov, integer_depth_scale)
+    transforms_train.json    the same, frames[:-350]   (350 = generate.sh's default test count)
+    transforms_test.json     the same, frames[-350:]
+    transforms_val.json      the same, frames[-20:]    (a subset of test; not used here)
+    canonical.obj            the tracker's neutral mesh (jaw opened 12 degrees)
+    images/00000.png         RGBA; alpha is the foreground matte
+    meshes/00000.obj         tracked FLAME mesh per frame (Open3D-written OBJ, world space)
+    flame/exp/00000.txt      FLAME expression coefficients, one float per line
+    depth/, seg_mask/        not used here
+
+Each frame entry holds ``transform_matrix`` (camera-to-world), ``file_path``, ``mesh_path``,
+``exp_path`` (and ``depth_path``, ``seg_mask_path``). INSTA's ``transforms.py`` builds
+``transform_matrix = inv([R | t])`` from the tracker's OpenCV extrinsics, so the matrix is
+already OpenCV (x right, y down, z forward); GraphAvatar's INSTA reader uses it unchanged. NeRF
+files in the OpenGL/Blender convention can be read with ``camera_convention="opengl"``.
+
+The helpers at the bottom (frame numbers, times, resizing) are shared with :mod:`.nbs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .image_io import read_image
+from .subject import Subject, SubjectError, holdout_split
+
+__all__ = ["load_insta", "map_frames", "frame_number", "normalised_times", "resize_frames",
+           "resize_images", "scale_intrinsics",
+           "parse_image_size", "require_dir", "read_mesh_vertices_obj", "load_template_obj"]
+
+_FRAME_KEYS = ("transform_matrix", "file_path", "mesh_path", "exp_path")
+_INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+# OpenGL/Blender cameras look down -z with y up; flipping the y and z camera axes gives OpenCV.
+_GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def load_insta(
+    root: str | os.PathLike,
+    *,
+    num_test: int = 350,
+    split: str = "transforms",
+    image_size: int | Sequence[int] | None = None,
+    template: str = "canonical",
+    camera_convention: str = "opencv",
+    missing_mask: str = "error",
+    fps: float = 25.0,
+    num_workers: int = 4,
+) -> Subject:
+    """Read one INSTA subject folder into a validated :class:`Subject`.
+
+    Args:
+        root: the subject folder (holding ``transforms*.json``).
+        num_test: test frames held out from the end of the sequence (INSTA's and GraphAvatar's
+            protocol: 350). Used when ``split="last"``, or when the folder has no
+            ``transforms_train.json``/``transforms_test.json``.
+        split: ``"transforms"`` (default) keeps INSTA's own split files when both exist; they
+            are the last-350 split INSTA's generator wrote. ``"last"`` reads every frame and
+            holds out the last ``num_test`` by frame number.
+        image_size: optional ``(height, width)`` (or one int for square) to resize images,
+            masks and intrinsics to; see :func:`resize_frames`.
+        template: ``"canonical"`` uses ``canonical.obj`` when the folder has it (the tracker's
+            identity with neutral expression; INSTA ships it), else the first frame's mesh;
+            ``"first"`` always uses the first frame's mesh. Faces always come from the
+            template file, so topology comes from the data.
+        camera_convention: ``"opencv"`` (INSTA's files) or ``"opengl"`` (NeRF/Blender
+            ``transform_matrix``; converted to OpenCV by flipping the camera's y and z axes).
+        missing_mask: ``"error"`` (default) raises when an image has no alpha channel;
+            ``"full"`` treats such a frame as all foreground.
+        fps: frame rate recorded on the subject (metrical-tracker's default extraction: 25).
+        num_workers: threads that read frames.
+
+    Times are the normalised frame numbers parsed from the image names (see
+    :func:`normalised_times`). ``meta`` records ``source="insta"``, the root, the frame
+    numbers and the split used. Every problem raises :class:`SubjectError` naming the file.
+    """
+    root = require_dir(root, "INSTA subject folder", "transforms.json")
+    if split not in ("transforms", "last"):
+        raise ValueError(f"load_insta: split must be 'transforms' or 'last', got {split!r}")
+    if template not in ("canonical", "first"):
+        raise ValueError(f"load_insta: template must be 'canonical' or 'first', got {template!r}")
+    if camera_convention not in ("opencv", "opengl"):
+        raise ValueError(f"load_insta: camera_convention must be 'opencv' or 'opengl', "
+                         f"got {camera_convention!r}")
+    if missing_mask not in ("error", "full"):
+        raise ValueError(f"load_insta: missing_mask must be 'error' or 'full', got {missing_mask!r}")
+
+    entries, train_numbers, used = _read_frame_entries(root, split)
+    entries.sort(key=lambda e: e["number"])
+    numbers = np.array([e["number"] for e in entries], np.int64)
+    dupes = numbers[1:][numbers[1:] == numbers[:-1]]
+    if dupes.size:
+        raise SubjectError(f"{root}: frame {int(dupes[0])} is listed twice in {', '.join(used)}")
+    T = len(entries)
+    if train_numbers is None:
+        train_ids, test_ids = holdout_split(T, num_test, str(root))
+    else:
+        is_train = np.isin(numbers, np.array(sorted(train_numbers), np.int64))
+        train_ids, test_ids = np.flatnonzero(is_train), np.flatnonzero(~is_train)
+
+    template_path = root / "canonical.obj"
+    if template == "first" or not template_path.is_file():
+        template_path = root / entries[0]["mesh_path"]
+    template_mesh = load_template_obj(template_path)
+    V = template_mesh["vertices"].shape[0]
+
+    H, W = entries[0]["h"], entries[0]["w"]
+    size = (H, W) if image_size is None else parse_image_size(image_size)
+    images = np.empty((T, *size, 3), np.uint8)  # resized per frame: never all frames at full size
+    masks = np.empty((T, *size), np.uint8)
+    vertices = np.empty((T, V, 3), np.float32)
+    exps: list[np.ndarray | None] = [None] * T
+
+    def read_frame(t: int) -> None:
+        e = entries[t]
+        if (e["h"], e["w"]) != (H, W):
+            raise SubjectError(f"{e['json']}: frame {e['number']} says {e['h']}x{e['w']} (HxW) but "
+                               f"the first frame says {H}x{W}; one subject has one image size")
+        img = read_image(root / e["file_path"], frame=t, expected_size=(H, W))
+        if img.shape[-1] == 4:
+            mask = img[..., 3]
+        elif missing_mask == "full":
+            mask = np.full((H, W), 255, np.uint8)
+        else:
+            raise SubjectError(f"{root / e['file_path']} (frame {t}): image has no alpha channel; "
+                               f"INSTA stores the foreground mask as alpha (or set missing_mask=full)")
+        rgb = img[..., :3] if img.shape[-1] >= 3 else np.repeat(img, 3, axis=-1)
+        images[t], masks[t] = (x[0] for x in resize_images(rgb[None], mask[None], size))
+        vertices[t] = read_mesh_vertices_obj(root / e["mesh_path"], V, t, template_path)
+        exps[t] = _read_expression(root / e["exp_path"], t)
+
+    map_frames(read_frame, T, num_workers)
+
+    sizes = {len(x) for x in exps}
+    if len(sizes) > 1:
+        t = next(i for i, x in enumerate(exps) if len(x) != len(exps[0]))
+        raise SubjectError(f"{root / entries[t]['exp_path']} (frame {t}): {len(exps[t])} expression "
+                           f"coefficients, but {root / entries[0]['exp_path']} has {len(exps[0])}")
+    expressions = np.stack(exps).astype(np.float32)
+
+    camtoworlds = np.stack([e["camtoworld"] for e in entries])
+    if camera_convention == "opengl":
+        camtoworlds = camtoworlds @ _GL_TO_CV
+    Ks = scale_intrinsics(np.stack([e["K"] for e in entries]), (H, W), size)
+
+    subject = Subject(
+        name=root.name,
+        faces=template_mesh["faces"],
+        template_vertices=template_mesh["vertices"],
+        vertices=vertices,
+        expressions=expressions,
+        Ks=Ks.astype(np.float32),
+        camtoworlds=camtoworlds.astype(np.float32),
+        times=normalised_times(numbers),
+        images=images,
+        masks=masks,
+        train_ids=train_ids,
+        test_ids=test_ids,
+        fps=float(fps),
+        uvs=template_mesh["uvs"],
+        uv_faces=template_mesh["uv_faces"],
+        meta={"source": "insta", "root": str(root), "split": split, "split_files": used,
+              "template": os.path.relpath(template_path, root),
+              "camera_convention": camera_convention,
+              "frame_numbers": [int(n) for n in numbers]},
+    )
+    return subject.validate(str(root))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SubjectError(f"{path}: malformed JSON ({exc})") from exc
+    except OSError as exc:
+        raise SubjectError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("frames"), list):
+        raise SubjectError(f"{path}: expected a JSON object with a 'frames' list")
+    return data
+
+
+def _read_frame_entries(root: Path, split: str) -> tuple[list[dict], set[int] | None, list[str]]:
+    """Parse the transforms files into per-frame entries; return them, the train frame numbers
+    (``None`` when the split is left to ``num_test``) and the names of the files read."""
+    train_file, test_file, all_file = (root / f"transforms{s}.json" for s in ("_train", "_test", ""))
+    if split == "transforms" and train_file.is_file() and test_file.is_file():
+        train = _parse_transforms(train_file)
+        test = _parse_transforms(test_file)
+        shared = {e["number"] for e in train} & {e["number"] for e in test}
+        if shared:
+            raise SubjectError(f"{train_file} and {test_file} share frame {min(shared)}; the train "
+                               f"and test splits must be disjoint")
+        return train + test, {e["number"] for e in train}, [train_file.name, test_file.name]
+    if all_file.is_file():
+        return _parse_transforms(all_file), None, [all_file.name]
+    parts = [f for f in (train_file, root / "transforms_val.json", test_file) if f.is_file()]
+    if not parts:
+        raise SubjectError(f"{root}: no transforms.json (nor transforms_train/test.json); this is not "
+                           f"an INSTA subject folder")
+    by_number: dict[int, dict] = {}
+    for f in parts:  # val repeats test frames, so merge by frame number
+        for e in _parse_transforms(f):
+            by_number.setdefault(e["number"], e)
+    return list(by_number.values()), None, [f.name for f in parts]
+
+
+def _parse_transforms(path: Path) -> list[dict]:
+    """One transforms file → entries with paths, ``number``, ``K [3, 3]``, ``camtoworld [4, 4]``."""
+    data = _read_json(path)
+    entries = []
+    for i, frame in enumerate(data["frames"]):
+        where = f"{path}: frames[{i}]"
+        if not isinstance(frame, dict):
+            raise SubjectError(f"{where}: expected an object, got {type(frame).__name__}")
+        for key in _FRAME_KEYS:
+            if key not in frame:
+                raise SubjectError(f"{where}: missing key '{key}'")
+        intr = {}
+        for key in _INTRINSIC_KEYS:  # instant-ngp lets a frame override the shared intrinsics
+            value = frame.get(key, data.get(key))
+            if value is None:
+                raise SubjectError(f"{path}: missing intrinsic '{key}' (top level or in frames[{i}])")
+            try:
+                intr[key] = float(value)
+            except (TypeError, ValueError):
+                raise SubjectError(f"{where}: intrinsic '{key}' is not a number: {value!r}") from None
+        number = frame_number(frame["file_path"], fallback=i)
+        if not all(np.isfinite(v) for v in intr.values()):
+            bad = next(k for k, v in intr.items() if not np.isfinite(v))
+            raise SubjectError(f"{where} (frame {number}): NaN/Inf in intrinsic '{bad}'")
+        try:
+            c2w = np.asarray(frame["transform_matrix"], np.float64)
+        except (TypeError, ValueError):
+            raise SubjectError(f"{where}: 'transform_matrix' is not a numeric matrix") from None
+        if c2w.shape == (3, 4):
+            c2w = np.vstack([c2w, [0.0, 0.0, 0.0, 1.0]])
+        if c2w.shape != (4, 4):
+            raise SubjectError(f"{where}: 'transform_matrix' must be 4x4, got {list(c2w.shape)}")
+        if not np.isfinite(c2w).all():
+            raise SubjectError(f"{where} (frame {number}): NaN/Inf in 'transform_matrix' (camera)")
+        entries.append({
+            "json": path, "number": number, "camtoworld": c2w,
+            "K": np.array([[intr["fl_x"], 0.0, intr["cx"]], [0.0, intr["fl_y"], intr["cy"]],
+                           [0.0, 0.0, 1.0]]),
+            "w": int(round(intr["w"])), "h": int(round(intr["h"])),
+            **{k: str(frame[k]) for k in ("file_path", "mesh_path", "exp_path")},
+        })
+    return entries
+
+
+def load_template_obj(path: Path) -> dict[str, np.ndarray | None]:
+    """Template OBJ as numpy: vertices ``[V, 3]``, faces ``[F, 3]``, optional ``uvs``/``uv_faces``."""
+    from headkit.mesh import ObjError, load_obj
+
+    try:
+        mesh = load_obj(path)
+    except FileNotFoundError:
+        raise SubjectError(f"{path}: template mesh file is missing") from None
+    except ObjError as exc:
+        raise SubjectError(f"template mesh: {exc}") from exc
+    return {k: None if v is None else v.numpy() for k, v in mesh.items()}
+
+
+def read_mesh_vertices_obj(path: Path, num_vertices: int, frame: int, template_path: Path) -> np.ndarray:
+    """Vertices ``[V, 3]`` of one frame's OBJ; errors name the file, frame and both counts.
+
+    Per-frame meshes only contribute positions, so the ``v`` lines are parsed directly (about
+    4x faster than the full :func:`headkit.mesh.load_obj`, which matters for INSTA's thousands
+    of 5023-vertex frames); anything unusual is re-read with ``load_obj`` so its precise
+    file:line message (or its tolerant parsing) decides.
+    """
+    from headkit.mesh import ObjError, load_obj
+
+    if not path.is_file():
+        raise SubjectError(f"{path} (frame {frame}): mesh file is missing")
+    try:
+        rows = [ln.split()[1:4] for ln in path.read_bytes().splitlines() if ln[:2] in (b"v ", b"v\t")]
+        verts = np.array(rows, dtype=np.float64).reshape(len(rows), 3)
+        fast_ok = verts.shape[0] == num_vertices and np.isfinite(verts).all()
+    except ValueError:
+        fast_ok = False
+    if not fast_ok:
+        try:
+            verts = load_obj(path)["vertices"].numpy()
+        except ObjError as exc:  # its message names file and line; non-finite values land here
+            raise SubjectError(f"frame {frame}, field 'vertices': {exc}") from exc
+    if verts.shape[0] != num_vertices:
+        raise SubjectError(f"{path} (frame {frame}): mesh has {verts.shape[0]} vertices but the "
+                           f"template {template_path.name} has {num_vertices}")
+    return verts.astype(np.float32)
+
+
+def _read_expression(path: Path, frame: int) -> np.ndarray:
+    if not path.is_file():
+        raise SubjectError(f"{path} (frame {frame}): expression file is missing")
+    try:
+        values = np.array(path.read_text().split(), dtype=np.float64)
+    except ValueError as exc:
+        raise SubjectError(f"{path} (frame {frame}): cannot parse expression coefficients ({exc})") from None
+    if values.size == 0:
+        raise SubjectError(f"{path} (frame {frame}): expression file is empty")
+    if not np.isfinite(values).all():
+        raise SubjectError(f"{path} (frame {frame}): NaN/Inf in field 'expressions' "
+                           f"(coefficient {int(np.flatnonzero(~np.isfinite(values))[0])})")
+    return values
+
+
+# ---------------------------------------------------------------- helpers shared with nbs.py
+
+def require_dir(root: str | os.PathLike, what: str, marker: str) -> Path:
+    """Return ``root`` as a Path, or raise :class:`SubjectError` saying how to get such a folder."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise SubjectError(
+            f"{root}: {what} not found (expected a folder holding {marker}). Point data.root at "
+            f"an existing one, or make a subject folder from your own video with "
+            f"'python scripts/prepare_data.py source=video video=PATH out=DIR' and use data=subject")
+    return root
+
+
+def map_frames(fn, num_frames: int, num_workers: int) -> None:
+    """Run ``fn(t)`` for every frame on a thread pool and re-raise the first error.
+
+    Frames not yet started when a frame fails are cancelled, so a bad frame fails fast instead
+    of after reading thousands more.
+    """
+    pool = ThreadPoolExecutor(max(1, int(num_workers)))
+    try:
+        for _ in pool.map(fn, range(num_frames)):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def frame_number(path: str | os.PathLike, fallback: int) -> int:
+    """Frame number from a file name like ``images/00042.png`` (42); ``fallback`` if not numeric."""
+    stem = Path(str(path)).stem
+    return int(stem) if stem.isdigit() else int(fallback)
+
+
+def normalised_times(numbers: np.ndarray) -> np.ndarray:  # [T] int
+    """Normalised time ``(n - n_first) / (n_last - n_first)`` in [0, 1], float32 ``[T]``.
+
+    Frame numbers rather than positions are used so that frames the tracker skipped leave a
+    gap in time, as they did in the video. GraphAvatar's code divides by the frame count
+    instead; the two differ by at most one frame step.
+    """
+    numbers = np.asarray(numbers, np.float64)
+    span = max(numbers[-1] - numbers[0], 1.0)
+    return ((numbers - numbers[0]) / span).astype(np.float32)
+
+
+def parse_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` from one int (square) or a pair; raises on non-positive sizes."""
+    if np.isscalar(image_size):
+        size = (int(image_size), int(image_size))
+    else:
+        size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+    return size
+
+
+def resize_images(
+    images: np.ndarray,  # [T, H, W, 3] uint8
+    masks: np.ndarray,  # [T, H, W] uint8
+    size: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize uint8 images and masks to ``size = (H', W')``.
+
+    Shrinking uses area averaging (each output pixel is the mean of the input pixels it
+    covers: no aliasing, and exact box filtering for integer factors); enlarging uses bilinear
+    interpolation (``align_corners=False``). Returns ``[T, H', W', 3]`` and ``[T, H', W']``.
+    """
+    H, W = masks.shape[1:]
+    if tuple(size) == (H, W):
+        return images, masks
+    mode = "area" if size[0] <= H and size[1] <= W else "bilinear"
+    x = torch.from_numpy(np.concatenate([images, masks[..., None]], -1)).permute(0, 3, 1, 2).float()
+    kw = {} if mode == "area" else {"align_corners": False}
+    y = F.interpolate(x, size=tuple(size), mode=mode, **kw)
+    y = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(y[..., :3]), np.ascontiguousarray(y[..., 3])
+
+
+def scale_intrinsics(
+    Ks: np.ndarray,  # [T, 3, 3]
+    old_size: tuple[int, int],
+    new_size: tuple[int, int],
+) -> np.ndarray:
+    """Intrinsics ``[T, 3, 3]`` (float64) for images resized from ``(H, W)`` to ``(H', W')``.
+
+    With pixel centres at ``+0.5`` (the project's convention) a resize is an exact scaling of
+    continuous pixel coordinates: ``fx' = fx W'/W``, ``cx' = cx W'/W`` (likewise ``fy``,
+    ``cy`` with ``H'/H``).
+    """
+    Ks = np.array(Ks, np.float64, copy=True)
+    Ks[:, 0, :] *= new_size[1] / old_size[1]
+    Ks[:, 1, :] *= new_size[0] / old_size[0]
+    return Ks
+
+
+def resize_frames(
+    images: np.ndarray,  # [T, H, W, 3] uint8
+    masks: np.ndarray,  # [T, H, W] uint8
+    Ks: np.ndarray,  # [T, 3, 3]
+    size: tuple[int, int],
+    chunk: int = 64,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resize images and masks to ``size = (H', W')`` (:func:`resize_images`) and scale the
+    intrinsics to match (:func:`scale_intrinsics`), ``chunk`` frames at a time."""
+    T, H, W = masks.shape
+    out_images = np.empty((T, size[0], size[1], 3), np.uint8)
+    out_masks = np.empty((T, size[0], size[1]), np.uint8)
+    for s in range(0, T, chunk):  # bounded memory: float copies of a few frames at a time
+        out_images[s:s + chunk], out_masks[s:s + chunk] = resize_images(
+            images[s:s + chunk], masks[s:s + chunk], size)
+    return out_images, out_masks, scale_intrinsics(Ks, (H, W), size)

