@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -23,7 +22,7 @@ from headkit.metrics import MetricUnavailable, dssim, lpips
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphAvatarLoss", "photometric_loss"]
+__all__ = ["GraphAvatarLoss", "photometric_loss", "targets_over_background"]
 
 
 def photometric_loss(
@@ -113,8 +112,3 @@ def targets_over_background(
 ) -> Tensor:
     """Ground truth composited over the background colour with the mask, ``[B, H, W, 3]``."""
     return images * masks + background * (1.0 - masks)
-
-
-@torch.no_grad()
-def _unused() -> None:  # pragma: no cover - keeps the public surface explicit for linters
-    return None

@@ -265,9 +265,9 @@ class ParallelRenderer:
     def run(self, frames: Iterable[Any]) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, output)`` for every frame of ``frames``, in input order.
 
-        ``latencies_s[t]`` is the time from dispatching frame ``t`` to the main thread
-        receiving its output from a worker (queueing included; outputs should be complete when a worker
-        returns them - synchronise CUDA inside the worker).
+        ``latencies_s[t]`` is the time from taking frame ``t`` from ``frames`` to the main
+        thread receiving its output (waits for a cache slot and queueing included). Outputs
+        must be complete when a worker returns them: synchronise CUDA inside the worker.
         """
         if self._closed:
             raise RuntimeError("ParallelRenderer is closed")
@@ -318,6 +318,7 @@ class ParallelRenderer:
                         exhausted = True
                         continue
                     t = dispatched
+                    starts[t] = time.perf_counter()
                     for job in plan_frame(t, k, n, self.schedule):
                         if job.op == "cache":
                             # Algorithm 1: wait for caching to complete before a new cache job.
@@ -327,7 +328,6 @@ class ParallelRenderer:
                                 caches_in_flight -= 1
                             caches_in_flight += 1
                         in_qs[job.worker].put((t, frame, job))
-                    starts[t] = time.perf_counter()
                     dispatched += 1
                     continue
                 item = self._get(out_q, stop)

@@ -32,7 +32,8 @@ def prepare_synthetic(cfg: DictConfig) -> dict[str, Any]:
     subject = generate_synthetic_subject(**generator)
     generated = time.perf_counter() - start
     write_subject_folder(subject, out, overwrite=bool(cfg.overwrite))
-    sheet = save_contact_sheet(out / "contact_sheet.png", subject)
+    sheet = out / "contact_sheet.png"
+    save_contact_sheet(sheet, subject, cols=8)
     summary = {
         "folder": str(out), "frames": subject.num_frames, "train": len(subject.train_ids),
         "test": len(subject.test_ids), "size": f"{subject.width}x{subject.height}",

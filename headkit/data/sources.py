@@ -22,9 +22,12 @@ log = logging.getLogger(__name__)
 def synthetic_cache_dir(root: str | os.PathLike, generator: dict[str, Any]) -> Path:
     """Folder that caches the synthetic subject built with ``generator`` settings.
 
-    The name carries a hash of the settings, so changing any setting never reuses a stale cache.
+    The name carries a hash of the settings and the generator version, so changing either never
+    reuses a stale cache.
     """
-    blob = json.dumps(dict(generator), sort_keys=True, default=str).encode()
+    from .synthetic import GENERATOR_VERSION
+
+    blob = json.dumps({"version": GENERATOR_VERSION, **dict(generator)}, sort_keys=True, default=str).encode()
     return Path(root) / f"synthetic-{hashlib.sha1(blob).hexdigest()[:10]}"
 
 
@@ -48,7 +51,7 @@ def synthetic_subject(root: str | os.PathLike, generator: dict[str, Any] | None 
     if tmp.exists():
         shutil.rmtree(tmp)
     write_subject_folder(subject, tmp)
-    save_contact_sheet(tmp / "contact_sheet.png", subject)
+    save_contact_sheet(tmp / "contact_sheet.png", subject, cols=8)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
