@@ -44,7 +44,9 @@ PAPER_CHANNELS = (64, 128, 256, 512, 512)
 
 def make_norm(norm: str, channels: int) -> nn.Module:
     """``"instance"`` (pix2pix/DNR: per-image statistics, batch-size independent), ``"batch"``
-    or ``"none"``."""
+    or ``"none"``. Instance statistics of a training crop differ from a full frame's, so when
+    training on crops (the authors use 256-pixel crops) prefer ``"batch"`` (running
+    statistics at eval) or ``"none"``."""
     if norm == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
     if norm == "batch":

@@ -1,0 +1,321 @@
+"""GraphAvatar (AAAI'25) assembled as a :class:`headkit.engine.Method`.
+
+Per batch of tracked frames (paper Fig. 2)::
+
+    tracked mesh --(positions, normals)--> geometric U-Net encoder --> z_g ┐
+                                           appearance U-Net encoder --> z_a ┤
+    normalised time ------------------------------------------------------> GGO --> Δe, Δξ
+    e' = e + Δe;  camtoworld' = camtoworld · exp(Δξ)                          (so(3) × R³)
+    decoders(z, skips, e') --> anchors: μ = vertex + offset, rotation, scale, SH colour, opacity
+    neural Gaussians(anchors, view direction from the refined camera, e') --> k per anchor,
+        opacity <= threshold masked out
+    rasterize(anchors + neural Gaussians, refined camera) --> coarse image, depth, alpha
+    enhancer(coarse image, depth) --> final image
+
+Coordinate frame (``input_space``): the paper feeds the tracked mesh as is (world space). With
+``input_space="head"`` (default) the mesh is first brought into the head's own frame with the
+tracked head pose (``subject.head_poses``, or a Kabsch fit of the template to the frame's
+vertices when the source has none), all Gaussians live in that frame and are rendered with
+``viewmat' · head_pose``. The image is identical for the same Gaussians; what changes is that
+the U-Nets see (almost) pose-free inputs, so they need not learn the rigid motion, and the
+neural Gaussians' offsets turn with the head. It is also the frame of the warm-up's pseudo
+Gaussians (:mod:`graphavatar.warmup`). ``input_space="world"`` is the paper's literal version.
+
+GGO on test frames (``ggo.apply_on_test``, default false): GGO is conditioned on the normalised
+time, and test frames come after the training range (held-out tail of the video), so its
+offsets there would be extrapolations of a per-frame correction learned for other frames. By
+default test frames are rendered from their tracked expression and camera, as a deployed avatar
+driven by new tracking would be.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from headkit.cameras import invert_rigid, transform_points
+from headkit.data.dataset import FrameDataset
+from headkit.data.subject import Subject, SubjectError
+from headkit.encodings import eval_sh
+from headkit.engine.method import Method, TrainContext
+from headkit.gaussian_fit import estimate_rigid
+from headkit.mesh import vertex_normals
+from headkit.render.gaussians import rasterize_gaussians
+
+from .enhancer import DepthEnhancer
+from .ggo import GraphGuidedOptimization, apply_pose_delta
+from .graph_unet import AppearanceHead, GeometryHead
+from .losses import GraphAvatarLoss, targets_over_background
+from .neural_gaussians import NeuralGaussians
+from .sampling import build_mesh_hierarchy
+from .settings import ConfigValueError, section
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GraphAvatar", "LRSchedule", "depth_normalisation"]
+
+
+def depth_normalisation(subject: Subject) -> tuple[float, float]:
+    """Enhancer depth normalisation ``(offset, scale)`` derived from the data.
+
+    ``offset``: median distance from the camera centre to the tracked mesh's centroid over the
+    training frames (the typical depth of the head); ``scale``: the template's radius (largest
+    vertex distance from its centroid), the head's depth extent. Depth ``offset ± scale`` then
+    maps to ``±1``; background pixels (rendered depth 0) map to ``-offset / scale``, far from it.
+    """
+    ids = np.asarray(subject.train_ids)
+    centres = subject.camtoworlds[ids, :3, 3].astype(np.float64)
+    heads = subject.vertices[ids].astype(np.float64).mean(axis=1)
+    offset = float(np.median(np.linalg.norm(centres - heads, axis=-1)))
+    template = subject.template_vertices.astype(np.float64)
+    scale = float(np.linalg.norm(template - template.mean(0), axis=-1).max())
+    return offset, max(scale, 1e-6)
+
+
+class LRSchedule:
+    """Learning-rate factor per step (``LambdaLR``): constant, exponential or cosine decay to
+    ``final_ratio`` at ``max_steps`` (held there afterwards)."""
+
+    def __init__(self, kind: str, final_ratio: float, max_steps: int) -> None:
+        self.kind, self.final_ratio, self.max_steps = kind, float(final_ratio), int(max_steps)
+
+    def __call__(self, step: int) -> float:
+        t = min(step / self.max_steps, 1.0)
+        if self.kind == "exponential":
+            return self.final_ratio ** t
+        if self.kind == "cosine":
+            return self.final_ratio + (1.0 - self.final_ratio) * 0.5 * (1.0 + np.cos(np.pi * t))
+        return 1.0
+
+
+class GraphAvatar(Method):
+    """Graph U-Nets → anchor + neural Gaussians → splatting → depth-aware enhancer.
+
+    Built from a :class:`Subject` (template topology, expression size, image size, depth
+    range). Every other argument is one section of ``configs/model/graphavatar.yaml``; see
+    :data:`graphavatar.settings.DEFAULTS` for keys and defaults. ``*.enabled`` switches give the
+    paper's ablations (``warmup``, ``neural_gaussians``, ``ggo``, ``enhancer``); a disabled
+    module has no parameters at all.
+
+    Args:
+        subject: the training subject.
+        expression_dim: ``None`` takes the data's size; an integer is checked against it (the
+            error names ``model.expression_dim``).
+        input_space: ``"head"`` or ``"world"`` (module docstring).
+    """
+
+    def __init__(self, subject: Subject, expression_dim: int | None = None, input_space: str = "head",
+                 hierarchy: dict | None = None, unet: dict | None = None, geometry: dict | None = None,
+                 appearance: dict | None = None, neural_gaussians: dict | None = None, ggo: dict | None = None,
+                 enhancer: dict | None = None, render: dict | None = None, warmup: dict | None = None,
+                 loss: dict | None = None, optim: dict | None = None) -> None:
+        super().__init__()
+        given = dict(hierarchy=hierarchy, unet=unet, geometry=geometry, appearance=appearance,
+                     neural_gaussians=neural_gaussians, ggo=ggo, enhancer=enhancer, render=render,
+                     warmup=warmup, loss=loss, optim=optim)
+        self.settings = {name: section(name, value) for name, value in given.items()}
+        s = self.settings
+        if expression_dim is not None and int(expression_dim) != subject.expression_dim:
+            raise SubjectError(f"subject '{subject.name}' has expression size {subject.expression_dim} "
+                               f"but the config sets model.expression_dim={expression_dim}")
+        if input_space not in ("head", "world"):
+            raise ConfigValueError(f"invalid config value model.input_space={input_space!r}: must be 'head' or 'world'")
+        if subject.width < 1 or subject.height < 1:
+            raise ConfigValueError(f"subject '{subject.name}' has image size {subject.width}x{subject.height}; "
+                                   f"need a positive width and height (data image size)")
+        E, V = subject.expression_dim, subject.num_vertices
+        self.expression_dim, self.input_space = E, input_space
+        self.width, self.height = subject.width, subject.height
+        self.head_poses_given = subject.head_poses is not None
+
+        h = build_mesh_hierarchy(subject.template_vertices, subject.faces, s["hierarchy"]["factors"],
+                                 cache_dir=s["hierarchy"]["cache_dir"],
+                                 preserve_border=s["hierarchy"]["preserve_border"])
+        u = s["unet"]
+        unet_kw = dict(filters=tuple(u["filters"]), K=u["K"], latent=u["latent"], bottleneck=u["bottleneck"],
+                       skip=u["skip"])
+        self.geometry = GeometryHead(h, expression_dim=E, num_freqs=u["num_freqs"], **s["geometry"], **unet_kw)
+        self.appearance = AppearanceHead(h, expression_dim=E, num_freqs=u["num_freqs"], **s["appearance"], **unet_kw)
+        self.sh_degree = s["appearance"]["sh_degree"]
+        self.edge_length = h.mean_edge_length(0)
+        ng = s["neural_gaussians"]
+        self.neural = None
+        if ng["enabled"]:
+            self.neural = NeuralGaussians(V, E, **{k: v for k, v in ng.items() if k != "enabled"})
+        g = s["ggo"]
+        self.ggo = None
+        if g["enabled"]:
+            self.ggo = GraphGuidedOptimization(2 * u["latent"], E, num_heads=g["num_heads"],
+                                               num_freqs=g["num_freqs"], dropout=g["dropout"])
+        en = s["enhancer"]
+        self.enhancer = None
+        if en["enabled"]:
+            offset, scale = depth_normalisation(subject)
+            self.enhancer = DepthEnhancer(tuple(en["channels"]), en["film_hidden"],
+                                          depth_offset=offset if en["depth_offset"] is None else en["depth_offset"],
+                                          depth_scale=scale if en["depth_scale"] is None else en["depth_scale"])
+        # Data-derived constants: rebuilt with the model, never stored (non-persistent buffers).
+        self.register_buffer("background", torch.tensor(s["render"]["background"], dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("template", torch.from_numpy(np.asarray(subject.template_vertices, np.float32)),
+                             persistent=False)
+        self.loss_fn = GraphAvatarLoss(**s["loss"])
+
+    # ----------------------------------------------------------------------------- stages
+    def frame_head_poses(self, batch: dict[str, Tensor]) -> Tensor:
+        """Tracked head-to-world poses ``[B, 4, 4]``: the data's, else Kabsch template → vertices."""
+        if self.head_poses_given:
+            return batch["head_pose"]
+        return estimate_rigid(self.template, batch["vertices"])
+
+    def local_poses(self, batch: dict[str, Tensor]) -> Tensor:
+        """Local (Gaussian) frame to world ``[B, 4, 4]``: the head pose, or identity for ``world``."""
+        if self.input_space == "world":
+            return torch.eye(4, device=batch["vertices"].device).expand(batch["vertices"].shape[0], 4, 4)
+        return self.frame_head_poses(batch)
+
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """Both U-Net encoders on the tracked mesh in the local frame: bottlenecks and skips."""
+        poses = self.local_poses(batch)
+        vertices = batch["vertices"]
+        if self.input_space == "head":
+            vertices = transform_points(vertices, invert_rigid(poses))
+        normals = vertex_normals(vertices, self.geometry.faces)
+        z_geo, skips_geo = self.geometry.encode(vertices, normals)
+        z_app, skips_app = self.appearance.encode(vertices, normals)
+        return {"vertices": vertices, "poses": poses, "z_geo": z_geo, "skips_geo": skips_geo,
+                "z_app": z_app, "skips_app": skips_app}
+
+    def refine(self, batch: dict[str, Tensor], encoded: dict[str, Any],
+               apply: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """GGO: ``(camtoworlds' [B,4,4], expressions' [B,E], Δe [B,E], Δξ [B,6])``; zero deltas
+        when GGO is disabled or ``apply`` is false."""
+        c2w, expr = batch["camtoworld"], batch["expression"]
+        if self.ggo is None or not apply:
+            b = c2w.shape[0]
+            return c2w, expr, expr.new_zeros(b, self.expression_dim), expr.new_zeros(b, 6)
+        out = self.ggo(batch["time"], torch.cat([encoded["z_geo"], encoded["z_app"]], dim=-1))
+        d_expr, d_pose = out["delta_expressions"], out["delta_poses"]
+        refined = apply_pose_delta(c2w, d_pose, side=self.settings["ggo"]["pose_side"])
+        return refined, expr + d_expr, d_expr, d_pose
+
+    def anchors(self, encoded: dict[str, Any], expressions: Tensor) -> dict[str, Tensor]:  # [B, E]
+        """Anchor Gaussians in the local frame: ``means, offsets, scales [B,V,3]``,
+        ``quats [B,V,4]``, ``sh [B,V,K,3]``, ``opacities [B,V]``."""
+        geo = self.geometry.decode(encoded["z_geo"], encoded["skips_geo"], expressions)
+        app = self.appearance.decode(encoded["z_app"], encoded["skips_app"], expressions)
+        return {"means": encoded["vertices"] + geo["offsets"], "offsets": geo["offsets"], "quats": geo["quats"],
+                "scales": geo["scales"], "sh": app["sh_coeffs"], "opacities": app["opacities"]}
+
+    def rasterize(self, anchors: dict[str, Tensor], children: dict[str, Tensor] | None,
+                  viewmats: Tensor, Ks: Tensor, centres: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Splat anchors (SH evaluated towards ``centres [B,3]``) and kept neural Gaussians.
+
+        Frames are rendered one by one since each keeps a different number of neural Gaussians.
+        Returns ``colors [B,H,W,3]``, ``depths [B,H,W,1]`` (alpha-weighted z), ``alphas [B,H,W,1]``
+        and ``counts [B]`` (Gaussians rasterized).
+        """
+        r = self.settings["render"]
+        outs, counts = [], []
+        for b in range(viewmats.shape[0]):
+            means = anchors["means"][b]
+            colors = torch.clamp_min(eval_sh(anchors["sh"][b], means - centres[b]) + 0.5, 0.0)
+            parts = [(means, anchors["quats"][b], anchors["scales"][b], anchors["opacities"][b], colors)]
+            if children is not None:
+                keep = children["mask"][b]
+                parts.append(tuple(children[k][b][keep] for k in ("means", "quats", "scales", "opacities", "colors")))
+            m, q, s, o, c = (torch.cat(x, dim=0) for x in zip(*parts))
+            outs.append(rasterize_gaussians(m, q, s, o, c, viewmats[b:b + 1], Ks[b:b + 1], self.width, self.height,
+                                            backgrounds=self.background[None], near_plane=r["near_plane"],
+                                            backend=r["backend"], tile_size=r["tile_size"])[:3])
+            counts.append(float(m.shape[0]))
+        colors, depths, alphas = (torch.cat(x, dim=0) for x in zip(*outs))
+        return colors, depths, alphas, torch.tensor(counts, device=colors.device)
+
+    # ----------------------------------------------------------------------------- Method API
+    def get_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Render a batch: ``image, coarse_image [B,H,W,3]``, ``depth, alpha [B,H,W,1]``,
+        ``num_gaussians [B]``, ``delta_expression [B,E]``, ``delta_pose [B,6]``, plus the anchors'
+        ``anchor_offsets, anchor_scales [B,V,3]`` (for the hinge penalties)."""
+        apply_ggo = self.training or self.settings["ggo"]["apply_on_test"]
+        encoded = self.encode(batch)
+        c2w, expressions, d_expr, d_pose = self.refine(batch, encoded, apply_ggo)
+        cam_to_local = invert_rigid(encoded["poses"]) @ c2w  # refined camera in the Gaussians' frame
+        viewmats = invert_rigid(cam_to_local)
+        centres = cam_to_local[:, :3, 3]
+        anchors = self.anchors(encoded, expressions)
+        children = None
+        if self.neural is not None:
+            children = self.neural(anchors["means"], anchors["quats"], anchors["scales"], centres, expressions)
+        coarse, depths, alphas, counts = self.rasterize(anchors, children, viewmats, batch["K"], centres)
+        image = self.enhancer(coarse, depths) if self.enhancer is not None else coarse
+        return {"image": image, "coarse_image": coarse, "depth": depths, "alpha": alphas,
+                "num_gaussians": counts, "delta_expression": d_expr, "delta_pose": d_pose,
+                "anchor_offsets": anchors["offsets"], "anchor_scales": anchors["scales"]}
+
+    def targets(self, batch: dict[str, Tensor]) -> Tensor:
+        """Training targets ``[B,H,W,3]``: the images, or (``render.composite_gt``) the images
+        composited over the background colour with the masks (for real data whose background
+        is not the render background)."""
+        if self.settings["render"]["composite_gt"]:
+            return targets_over_background(batch["image"], batch["mask"], self.background)
+        return batch["image"]
+
+    def get_loss_dict(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Paper eq. 11-12 (see :class:`~graphavatar.losses.GraphAvatarLoss`)."""
+        return self.loss_fn(outputs, self.targets(batch), batch["mask"], step, self.edge_length,
+                            has_enhancer=self.enhancer is not None)
+
+    @torch.no_grad()
+    def get_metrics_dict(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, float]:
+        """PSNR of the final and coarse images, and the mean number of Gaussians rasterized."""
+        from headkit.metrics import psnr
+        targets = self.targets(batch)
+        return {"psnr": psnr(outputs["image"].clamp(0, 1), targets).mean().item(),
+                "psnr_coarse": psnr(outputs["coarse_image"].clamp(0, 1), targets).mean().item(),
+                "num_gaussians": outputs["num_gaussians"].mean().item()}
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Parameters per optimiser group (``optim.lr`` keys); disabled modules have none."""
+        groups = {"unets": list(self.geometry.parameters()) + list(self.appearance.parameters())}
+        if self.neural is not None:
+            groups["neural_anchors"] = [self.neural.features, self.neural.offsets]
+            groups["neural_mlps"] = [p for name, p in self.neural.named_parameters()
+                                     if name.startswith("mlp_")]
+        if self.ggo is not None:
+            groups["ggo"] = list(self.ggo.parameters())
+        if self.enhancer is not None:
+            groups["enhancer"] = list(self.enhancer.parameters())
+        return groups
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:
+        """Adam with one group per module (``optim.lr``) and one LR schedule for all of them."""
+        o = self.settings["optim"]
+        groups = [{"params": params, "lr": float(o["lr"][name]), "name": name}
+                  for name, params in self.parameter_groups().items()]
+        optimizer = torch.optim.Adam(groups)
+        schedule = LRSchedule(o["schedule"], o["final_ratio"], o["max_steps"])
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def before_training(self, context: TrainContext) -> None:
+        """The warm-up (``warmup.enabled``): pseudo Gaussians, then anchors trained toward them."""
+        if self.settings["warmup"]["enabled"] and self.settings["warmup"]["steps"] > 0:
+            from .warmup import run_warmup
+            run_warmup(self, context)
+
+    def evaluate(self, dataset: FrameDataset, run_dir: Path, **kwargs) -> dict[str, Any]:
+        """The generic test-split evaluation plus GGO's tracking errors on the training frames
+        (``ggo_*`` keys, when the subject holds the true cameras/expressions) and the mean number
+        of Gaussians rasterized per test frame."""
+        from .evaluation import count_gaussians, ggo_tracking_errors
+        metrics = super().evaluate(dataset, run_dir, **kwargs)
+        device = kwargs.get("device") or next(self.parameters()).device
+        metrics["num_gaussians"] = count_gaussians(self, dataset, device)
+        if self.ggo is not None:
+            metrics.update(ggo_tracking_errors(self, dataset.subject, device))
+        return metrics
