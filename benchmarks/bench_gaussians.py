@@ -3,12 +3,15 @@
     python benchmarks/bench_gaussians.py                      # CPU, the default grid
     python benchmarks/bench_gaussians.py --sizes 128 --counts 5000 --reps 7
     python benchmarks/bench_gaussians.py --device cuda --backends torch gsplat
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_gaussians.py --dense   # shared CPUs
 
 The scene: N Gaussians on and near a unit sphere (a head) seen from 3 units away, flat
 discs tangent to the sphere with a log-normal spread of sizes, world scale shrinking as
 1/sqrt(N) so that coverage (about 3 layers deep) is the same for every N; their footprint
 is ~2 px sigma at 128^2. The loss is a fixed random weighting of colour, depth and alpha.
-Each timing is the median over ``--reps`` runs after one warm-up. Peak memory: CUDA
+Each timing is the median over ``--reps`` runs after one warm-up, as wall time and as the
+process' CPU time (all threads; on a shared machine CPU time is the steadier number, and
+with ``--threads 1`` it is what the wall time would be on an idle core). Peak memory: CUDA
 ``max_memory_allocated``; CPU the growth of the process' max RSS (``ru_maxrss``) during the
 warm-up run, each configuration in a fresh process (so it includes the allocator's own
 overhead but not an earlier configuration's high-water mark). ``--dense`` also times the
@@ -68,8 +71,10 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def time_fwd_bwd(render, inputs, weights, reps: int, device: str) -> tuple[float, float, float]:
-    """Median forward and forward+backward seconds, and peak memory in MB, of ``render``."""
+def time_fwd_bwd(render, inputs, weights, reps: int, device: str):
+    """Medians of forward and forward+backward wall seconds and of forward+backward process
+    CPU seconds (all threads; robust to other processes on a shared machine), and peak
+    memory in MB, of ``render``."""
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
 
     def step(backward: bool) -> None:
@@ -87,19 +92,20 @@ def time_fwd_bwd(render, inputs, weights, reps: int, device: str) -> tuple[float
     _sync(device)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
             else _max_rss_mb() - rss0)
-    fwd, both = [], []
+    fwd, both, cpu = [], [], []
     for _ in range(reps):
         t0 = time.perf_counter()
         with torch.no_grad():
             step(False)
         _sync(device)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         step(True)
         _sync(device)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         fwd.append(t1 - t0)
         both.append(t2 - t1)
-    return statistics.median(fwd), statistics.median(both), peak
+        cpu.append(c2 - c1)
+    return statistics.median(fwd), statistics.median(both), statistics.median(cpu), peak
 
 
 def run_config(backend: str, size: int, n: int, reps: int, device: str,
@@ -114,8 +120,8 @@ def run_config(backend: str, size: int, n: int, reps: int, device: str,
     def render(*xs):
         return rasterize_gaussians(*xs, size, size, backend=backend, tile_size=tile_size)[:3]
 
-    fwd, both, peak = time_fwd_bwd(render, inputs, weights, reps, device)
-    return dict(backend=backend, size=size, n=n, fwd=fwd, fwd_bwd=both, peak_mb=peak)
+    fwd, both, cpu, peak = time_fwd_bwd(render, inputs, weights, reps, device)
+    return dict(backend=backend, size=size, n=n, fwd=fwd, fwd_bwd=both, cpu=cpu, peak_mb=peak)
 
 
 def run_dense(size: int, n: int, reps: int, device: str, threads: int | None) -> dict:
@@ -129,17 +135,19 @@ def run_dense(size: int, n: int, reps: int, device: str, threads: int | None) ->
     weights = [torch.rand(1, size, size, c, generator=g).to(device) for c in (3, 1, 1)]
     band = max(1, (1 << 21) // (n * size))  # rows per band: ~2M Gaussian-pixel pairs
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    times = []
+    times, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for y0 in range(0, size, band):  # the loss is a sum over pixels: band grads add up
             y1 = min(size, y0 + band)
             outs = dense_render(*leaves, size, size, rows=(y0, y1))
             sum((o * w[:, y0:y1]).sum() for o, w in zip(outs, weights)).backward()
         _sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     return dict(backend="dense", size=size, n=n, fwd=float("nan"),
-                fwd_bwd=statistics.median(times), peak_mb=float("nan"))
+                fwd_bwd=statistics.median(times), cpu=statistics.median(cpu),
+                peak_mb=float("nan"))
 
 
 def main(argv=None) -> list[dict]:
@@ -169,9 +177,10 @@ def main(argv=None) -> list[dict]:
 
     threads = args.threads or torch.get_num_threads()
     print(f"device={args.device} threads={threads} torch={torch.__version__} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} "
           f"loadavg={os.getloadavg()[0]:.1f}")
-    print("| backend | size | N | forward s | fwd+bwd s | peak MB |")
-    print("|---|---|---|---|---|---|")
+    print("| backend | size | N | forward s | fwd+bwd s | fwd+bwd CPU s | peak MB |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for backend in args.backends:
         for size in args.sizes:
@@ -180,16 +189,17 @@ def main(argv=None) -> list[dict]:
                          args.threads)
                 rows.append(r)
                 print(f"| {backend} | {size} | {n} | {r['fwd']:.4f} | {r['fwd_bwd']:.4f} | "
-                      f"{r['peak_mb']:.0f} |", flush=True)
+                      f"{r['cpu']:.4f} | {r['peak_mb']:.0f} |", flush=True)
     if args.dense:
         size, n = args.dense_size, args.dense_count
         r = call(run_dense, size, n, args.dense_reps, args.device, args.threads)
         rows.append(r)
-        print(f"| dense reference | {size} | {n} | - | {r['fwd_bwd']:.3f} | - |")
+        print(f"| dense reference | {size} | {n} | - | {r['fwd_bwd']:.3f} | {r['cpu']:.3f} | - |")
         ours = [x for x in rows if x["backend"] == "torch" and x["size"] == size and x["n"] == n]
         if ours:
             print(f"speed-up of torch over dense at {size}^2, N={n}: "
-                  f"{r['fwd_bwd'] / ours[0]['fwd_bwd']:.0f}x")
+                  f"{r['fwd_bwd'] / ours[0]['fwd_bwd']:.0f}x wall, "
+                  f"{r['cpu'] / ours[0]['cpu']:.0f}x CPU time")
     print(f"loadavg at end={os.getloadavg()[0]:.1f}")
     return rows
 

@@ -94,15 +94,17 @@ class FitResult:
         return colors, alphas
 
 
-def knn_scales(points: Tensor, k: int = 3, chunk: int = 2048) -> Tensor:  # [N, 3]
+def knn_scales(points: Tensor, k: int = 3, chunk: Optional[int] = None) -> Tensor:  # [N, 3]
     """Initial isotropic scale per point, ``sqrt(mean_j d_j^2)`` over its ``k`` nearest
     neighbours, with ``d^2`` clamped at 1e-7 (3DGS's ``distCUDA2``; a root-mean-square, i.e.
-    the "mean distance" in the 3DGS sense). ``torch.cdist`` in row chunks keeps memory at
-    ``chunk x N``. With fewer than ``k + 1`` points, all the others are used. Returns ``[N]``.
+    the "mean distance" in the 3DGS sense). ``torch.cdist`` runs on ``chunk`` rows at a time
+    (default: ``2^24 / N`` rows, a 64 MB block). With fewer than ``k + 1`` points, all the
+    others are used. Returns ``[N]``.
     """
     N = points.shape[0]
     if N == 0:
         raise ValueError("knn_scales: no points")
+    chunk = chunk or max(1, 2 ** 24 // N)
     k = min(k, N - 1)
     if k == 0:
         return torch.full((1,), math.sqrt(1e-7), dtype=points.dtype, device=points.device)
@@ -123,7 +125,8 @@ def estimate_rigid(sources: Tensor, targets: Tensor) -> Tensor:  # [V, 3], [...,
     src_c, dst_c = src.mean(-2, keepdim=True), dst.mean(-2, keepdim=True)
     H = (src - src_c).transpose(-1, -2) @ (dst - dst_c)  # [..., 3, 3]
     U, _, Vh = torch.linalg.svd(H)
-    d = torch.sign(torch.linalg.det(Vh.transpose(-1, -2) @ U.transpose(-1, -2)))
+    det = torch.linalg.det(Vh.transpose(-1, -2) @ U.transpose(-1, -2))
+    d = torch.where(det < 0, -1.0, 1.0).to(det)
     D = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1))
     R = Vh.transpose(-1, -2) @ D @ U.transpose(-1, -2)
     t = dst_c[..., 0, :] - (R @ src_c[..., 0, :, None])[..., 0]
@@ -320,8 +323,9 @@ def fit_static_gaussians(
         background: render background; with ``use_mask`` the target is
             ``image * mask + background * (1 - mask)``, else the image as is.
         head_space: cameras relative to the head (:func:`scene_cameras`).
-        densify, densify_options: 3DGS density control (overrides of :data:`DEFAULT_DENSIFY`);
-            off keeps the Gaussians one-to-one with ``init_means``.
+        densify, densify_options: 3DGS density control (overrides of :data:`DEFAULT_DENSIFY`),
+            run while ``step < min(stop, steps // 2)``; off keeps the Gaussians one-to-one
+            with ``init_means``.
         batch_size: frames per step (random order, every frame once per epoch).
         scene_scale: default :func:`scene_scale_of` over the training cameras.
         eval_data, eval_lpips: held-out frames scored at the end into ``eval_metrics``.
@@ -366,6 +370,9 @@ def fit_static_gaussians(
                                  eps=1e-15)
     bg = torch.tensor(background, dtype=torch.float32, device=device)
     W, H = subject.width, subject.height
+    # As in 3DGS (15k of 30k steps) density control stays in the first half of the run, so the
+    # run never ends shortly after an opacity reset (which makes every Gaussian nearly clear).
+    densify_stop = min(dopts["stop"], steps // 2)
     grad_accum = torch.zeros(N, device=device)
     grad_count = torch.zeros(N, device=device)
     max_radii = torch.zeros(N, device=device)
@@ -399,7 +406,7 @@ def fit_static_gaussians(
         optimizer.step()
         with torch.no_grad():
             window.append((loss.item(), psnr(renders.clamp(0, 1), targets).mean().item()))
-            if densify and step < dopts["stop"]:
+            if densify and step < densify_stop:
                 # NDC-scaled per-view gradient norms (3DGS's viewspace gradient; x C undoes
                 # the batch mean of the loss, as gsplat's DefaultStrategy does).
                 g2d = info["means2d"].grad * torch.tensor([W / 2, H / 2], device=device) * len(frames)
@@ -449,15 +456,20 @@ def fit_static_gaussians(
     return result
 
 
+# log-decayed rates and periods/counts that must not be zero
+_POSITIVE = {"means", "means_final", "every", "reset_opacity_every", "split_count"}
+
+
 def _merge(name: str, defaults: dict, overrides: Optional[dict]) -> dict:
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise KeyError(f"{name}: unknown key(s) {unknown}; known: {sorted(defaults)}")
     merged = {**defaults, **overrides}
-    bad = [k for k, v in merged.items() if not (isinstance(v, (int, float)) and v >= 0)]
-    if bad or (name == "lrs" and min(merged[k] for k in ("means", "means_final")) <= 0):
-        raise ValueError(f"{name}: values must be non-negative numbers (means rates > 0), got {merged}")
+    bad = {f"{name}.{k}": v for k, v in merged.items() if isinstance(v, bool)
+           or not isinstance(v, (int, float)) or v < 0 or (v == 0 and k in _POSITIVE)}
+    if bad:
+        raise ValueError(f"invalid value(s) {bad}: need non-negative numbers, and > 0 for {sorted(_POSITIVE)}")
     return merged
 
 

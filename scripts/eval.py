@@ -16,6 +16,9 @@ def main(cfg: DictConfig) -> None:
     run_dir = cfg.run or find_latest_run(f"{cfg.paths.output_dir}/train")
     metrics = evaluate_run(run_dir, device=cfg.device, eval_cfg=cfg.eval)
     print(format_table([metrics], COLUMNS))
+    for name, table in (metrics.get("tables") or {}).items():  # method-specific tables, e.g. Table 1
+        print(f"\n{table.get('title', name)}")
+        print(format_table(table["rows"], table["columns"]))
     if metrics.get("lpips") is None:
         print(f"LPIPS unavailable: {metrics.get('lpips_unavailable_reason')}")
     print(f"metrics written to {run_dir}/metrics.json")

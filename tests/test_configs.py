@@ -10,7 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("data", "model", "trainer", "eval", "experiment")
+GROUPS = ("data", "model", "trainer", "eval", "experiment", "ablation")
+GLOBAL_GROUPS = ("experiment", "ablation")  # `# @package _global_` files: no node of their own
 
 
 def options(group: str) -> list[str]:
@@ -27,7 +28,7 @@ def test_every_group_option_composes(group, option):
     cfg = _compose("train", [f"{group}={option}"])
     OmegaConf.resolve(cfg.trainer)
     assert cfg.model._target_ and cfg.data._target_
-    if group != "experiment":
+    if group not in GLOBAL_GROUPS:
         assert OmegaConf.select(cfg, group) is not None
 
 
@@ -37,10 +38,17 @@ def test_top_level_configs_compose(name):
     assert cfg.task_name == name
 
 
-@pytest.mark.parametrize("option", options("experiment"))
-def test_experiment_files_are_global_packages(option):
-    text = (CONFIGS / "experiment" / f"{option}.yaml").read_text()
-    assert "# @package _global_" in text.splitlines()[0], f"{option}.yaml must start with '# @package _global_'"
+@pytest.mark.parametrize("group,option", [(g, o) for g in GLOBAL_GROUPS for o in options(g)])
+def test_experiment_files_are_global_packages(group, option):
+    text = (CONFIGS / group / f"{option}.yaml").read_text()
+    assert "# @package _global_" in text.splitlines()[0], f"{group}/{option}.yaml must start with '# @package _global_'"
+
+
+def test_default_is_the_synthetic_subject_experiment_and_ablations_set_their_name():
+    cfg = _compose("train", [])
+    assert cfg.experiment_name == "synthetic_subject" and cfg.ablation_name is None
+    cfg = _compose("train", ["ablation=no_ggo"])
+    assert cfg.ablation_name == "no_ggo" and cfg.model.ggo.enabled is False
 
 
 def test_typo_in_override_is_a_struct_error_naming_the_key():

@@ -10,7 +10,7 @@ import torch
 from headkit.cameras import camtoworld_to_viewmat, intrinsics_from_fov, look_at, quat_to_rotmat, so3_exp
 from headkit.data.subject import Subject
 from headkit.gaussian_fit import (densify_and_prune, estimate_rigid, fit_static_gaussians, initial_points,
-                                  knn_scales, scene_cameras)
+                                  knn_scales, scene_cameras, scene_scale_of)
 from headkit.render.gaussians import rasterize_gaussians
 
 SH_C0 = 0.28209479177387814
@@ -102,6 +102,15 @@ def test_knn_scales_hand_checked():
     torch.testing.assert_close(knn_scales(points[:2]), torch.tensor([1.0, 1.0]))  # fewer than k neighbours
 
 
+def test_scene_scale_follows_3dgs_with_a_fallback_for_a_fixed_camera():
+    eyes = torch.tensor([[-1.0, 0, 3], [1.0, 0, 3], [0.0, 0, 3]])
+    viewmats = camtoworld_to_viewmat(look_at(eyes, torch.zeros(3, 3)))
+    points = torch.tensor([[0.0, 0, 0], [0.2, 0, 0], [-0.2, 0, 0]])
+    assert scene_scale_of(viewmats, points) == pytest.approx(1.1 * 1.0)  # max |centre - mean centre|
+    fixed = viewmats[:1].repeat(3, 1, 1)
+    assert scene_scale_of(fixed, points) == pytest.approx(1.1 * 0.2)  # points' extent instead
+
+
 def _raw(means, scales, quats, opacities):
     N = len(means)
     return {"means": torch.tensor(means), "log_scales": torch.tensor(scales).log(), "quats": torch.tensor(quats),
@@ -143,18 +152,19 @@ def test_densify_rules_on_hand_built_gradient_stats():
 
 def test_densify_mode_changes_the_number_of_gaussians():
     subject, truth = gaussian_scene(N=20, yaws=(-20, 0, 20, 10), num_test=1)
-    options = {"start": 2, "every": 5, "stop": 100, "grad_threshold": 0.0, "reset_opacity_every": 1000}
-    result = fit_static_gaussians(subject, truth["means"], steps=12, sh_degree=0, densify=True,
-                                  densify_options=options, log_every=4, show_progress=False)
-    # steps 5 and 10 densify every Gaussian (threshold 0): clones and splits only add
+    # an opacity reset due at the last step falls outside density control (first half of the run)
+    options = {"start": 2, "every": 5, "stop": 100, "grad_threshold": 0.0, "reset_opacity_every": 22}
+    result = fit_static_gaussians(subject, truth["means"], steps=22, sh_degree=0, densify=True,
+                                  densify_options=options, log_every=11, show_progress=False)
+    # steps 5 and 10 (< 22 // 2) densify every Gaussian (threshold 0): clones and splits only add
     assert result.num_gaussians > 20 * 2
     assert all(t.shape[0] == result.num_gaussians for t in (result.quats, result.scales, result.opacities, result.sh))
-    assert math.isfinite(result.eval_metrics["psnr"])
-    # pruning: every Gaussian starts at opacity 0.1 < min_opacity -> pruned at the first densification
-    # unless its opacity rose; a huge threshold means no growth, so N can only shrink
-    options = {**options, "grad_threshold": 1e9, "min_opacity": 0.09}
-    result = fit_static_gaussians(subject, truth["means"], steps=6, sh_degree=0, densify=True,
-                                  densify_options=options, lrs={"opacities": 0.05}, log_every=3,
+    assert math.isfinite(result.eval_metrics["psnr"]) and result.opacities.max() > 0.05
+    # pruning: opacities start at 0.1, just above min_opacity 0.09; those that fell in the first
+    # steps are pruned at step 3; a huge gradient threshold means no growth, so N can only shrink
+    options = {**options, "grad_threshold": 1e9, "min_opacity": 0.09, "every": 3}
+    result = fit_static_gaussians(subject, truth["means"], steps=8, sh_degree=0, densify=True,
+                                  densify_options=options, lrs={"opacities": 0.05}, log_every=4,
                                   show_progress=False)
     assert 0 < result.num_gaussians < 20
 
@@ -203,8 +213,12 @@ def test_bad_arguments_are_named():
         fit_static_gaussians(subject, truth["means"], steps=1, lrs={"mean": 1.0})
     with pytest.raises(ValueError, match="init_means must be"):
         fit_static_gaussians(subject, truth["means"][:, :2], steps=1)
-    with pytest.raises(ValueError, match="densify_options"):
+    with pytest.raises(ValueError, match="densify_options.every"):
         fit_static_gaussians(subject, truth["means"], steps=1, densify_options={"every": -1})
+    with pytest.raises(ValueError, match="lrs.means_final"):
+        fit_static_gaussians(subject, truth["means"], steps=1, lrs={"means_final": 0.0})
+    with pytest.raises(ValueError, match="init_colors must be"):
+        fit_static_gaussians(subject, truth["means"], steps=1, init_colors=torch.ones(4, 3))
 
 
 def test_fit_3dgs_writes_a_complete_run_folder(tmp_path):

@@ -221,6 +221,20 @@ def test_gradients_match_dense_reference(opaque):
         torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-9, msg=name)
 
 
+def test_gradients_when_only_some_inputs_require_grad():
+    scene = random_scene(n=100, seed=11, width=20, height=16)
+    weights = torch.rand(2, 16, 20, 3, generator=torch.Generator().manual_seed(0))
+
+    def grad_of(which):
+        leaves = [t.clone().requires_grad_(i in which) for i, t in enumerate(scene)]
+        colors = rasterize_gaussians(*leaves, 20, 16, backend="torch")[0]
+        return torch.autograd.grad((colors * weights).sum(), [leaves[i] for i in which])
+
+    full = grad_of([0, 4])
+    torch.testing.assert_close(grad_of([4])[0], full[1])  # colours only
+    torch.testing.assert_close(grad_of([0])[0], full[0])  # means only
+
+
 def test_gradcheck_tiny_scene():
     """Finite differences on 5 large, half-transparent Gaussians covering an 8x8 image."""
     dt = torch.float64

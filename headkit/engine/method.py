@@ -8,6 +8,7 @@ one checkpoint format and one evaluation, and differ only where their papers dif
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,13 @@ class Method(nn.Module):
     def render_eval(self, batch: dict[str, Tensor]) -> Tensor:
         """The image shown for a test frame, ``[B,H,W,3]`` in [0, 1]."""
         return self.get_outputs(batch)["image"].clamp(0, 1)
+
+    @torch.no_grad()
+    def render_sequence(self, frames: Iterable[dict[str, Tensor]]) -> Iterator[Tensor]:
+        """Render consecutive single-frame batches in order (videos, retargeting, novel views),
+        yielding ``[1, H, W, 3]`` images; methods with temporal state (caches) override it."""
+        for batch in frames:
+            yield self.render_eval(batch)
 
     def stored_state_dict(self) -> dict[str, Tensor]:
         """What a deployment must store to render the avatar (model size is measured on it)."""

@@ -8,8 +8,6 @@ w.r.t. every input, ``viewmats`` and ``Ks`` included, except ``radii`` (integers
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -138,7 +136,3 @@ def camera_centers(viewmats: Tensor) -> Tensor:  # viewmats: [C, 4, 4]
     """
     return torch.linalg.inv(viewmats)[:, :3, 3]
 
-
-def tile_grid(width: int, height: int, tile_size: int) -> tuple[int, int]:
-    """Number of tiles ``(tiles_x, tiles_y)`` covering a ``width x height`` image."""
-    return math.ceil(width / tile_size), math.ceil(height / tile_size)

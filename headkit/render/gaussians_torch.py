@@ -203,7 +203,7 @@ def rasterize_tiles(
     width: int,
     height: int,
     tile_size: int = 4,
-    bucket_ratio: float = 0.7,
+    bucket_ratio: float = 0.85,
     max_bucket_elements: int = 1 << 22,
 ) -> Tensor:
     """Composite projected Gaussians into images, tile by tile.

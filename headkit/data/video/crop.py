@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..insta import resize_images
 from .smoothing import gaussian_smooth
 
 CROP_MODES = ("smoothed", "fixed")
@@ -84,7 +83,14 @@ def crop_frame(frame: np.ndarray,  # [H, W, ...]
 def resize_square(image: np.ndarray,  # [side, side, 3] uint8
                   mask: np.ndarray,  # [side, side] uint8
                   size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize a square crop and its mask to ``size x size`` (area averaging when shrinking,
-    bilinear when enlarging; see :func:`headkit.data.insta.resize_images`)."""
-    images, masks = resize_images(image[None], mask[None], (size, size))
-    return images[0], masks[0]
+    """Resize a square crop and its mask to ``size x size`` with Pillow's bilinear filter, which
+    widens to the scale factor when shrinking (antialiased) and keeps pixel centres at +0.5 (our
+    convention too), so :func:`crop_intrinsics` stays exact. (Pillow's BOX filter is not exact
+    area averaging for non-integer factors: it shifts content by up to a quarter pixel.)"""
+    from PIL import Image
+
+    if image.shape[0] == size:
+        return image, mask
+    resample = Image.Resampling.BILINEAR
+    return (np.asarray(Image.fromarray(image).resize((size, size), resample)),
+            np.asarray(Image.fromarray(mask).resize((size, size), resample)))

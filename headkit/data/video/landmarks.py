@@ -136,8 +136,6 @@ def track_video(path: str | os.PathLike, tracker: Callable[[np.ndarray], list[np
         landmarks.append(faces[largest_face(faces)])
     if multi:
         log.warning("%s: several faces in %d frames (the largest is tracked): %s", path, len(multi), multi)
-    if dropped:
-        log.info("%s: no face in %d of %d frames (dropped): %s", path, len(dropped), num_read, dropped)
     sizes = {lm.shape for lm in landmarks}
     if len(sizes) > 1:
         raise ValueError(f"{path}: the tracker returned landmark arrays of different shapes {sorted(sizes)}")

@@ -222,10 +222,25 @@ def preprocess_video(video: str | os.PathLike, out: str | os.PathLike, canonical
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: folder exists and is not empty; pass overwrite=true or choose another out=")
     info = probe_video(video)
-    tracker = tracker or FaceTracker(settings.max_faces, settings.refine_landmarks,
-                                     settings.min_detection_confidence, settings.min_tracking_confidence)
-    segmenter = segmenter or Segmenter(settings.segmentation_model)
+    owned = []  # MediaPipe graphs made here are closed here
+    if tracker is None:
+        tracker = FaceTracker(settings.max_faces, settings.refine_landmarks,
+                              settings.min_detection_confidence, settings.min_tracking_confidence)
+        owned.append(tracker)
+    if segmenter is None:
+        segmenter = Segmenter(settings.segmentation_model)
+        owned.append(segmenter)
+    try:
+        return _preprocess(video, out, canonical, settings, info, tracker, segmenter, overwrite, name, meta, start)
+    finally:
+        for model in owned:
+            model.close()
 
+
+def _preprocess(video: Path, out: Path, canonical: CanonicalFace, settings: VideoSettings, info, tracker,
+                segmenter, overwrite: bool, name: str | None, meta: dict[str, Any] | None,
+                start: float) -> dict[str, Any]:
+    """:func:`preprocess_video` with its tracker and segmenter in hand."""
     tracked = track_video(video, tracker, settings.frame_stride, settings.max_frames)
     check_dropped(tracked, video, settings.max_dropped_fraction)
     V = canonical.num_vertices

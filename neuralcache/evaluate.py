@@ -1,0 +1,307 @@
+"""Evaluation of a neural-cache run: the paper's Table 1 / Table 2 / Fig. 11 on the test split.
+
+Every row is produced by actually executing the mode it names through
+:mod:`neuralcache.scheduler` on the test stream, and scored on what came out:
+
+* ``DNR``, ``DNR+``, ``DNR++``: G on every frame (one worker); ``DNR+ (naive)`` shows G's image
+  of frame ``t - 1`` for frame ``t`` (the delay of a slow generator without warping).
+* ``ExWarp`` / ``Ours (kx warp)`` with ``n`` workers: the online schedule ``"algorithm1"``:
+  every frame is warped, every ``k``-th frame is also cached. With one worker the warp
+  distances are ``1..k``; with two, Algorithm 1 warps group ``j`` from the cache of group
+  ``j - 1`` (distances ``k..2k-1``), so its quality can differ from one worker's; the
+  ``distances`` column says which were used.
+
+The stream is the test split preceded by a few frames of the video (their caches feed the
+first test frames; they are not scored). Columns:
+
+* ``latency_ms``: median synchronised time from a frame's inputs to its image for the network
+  that emits it (G with the texture sampling, or W), one frame at a time after warm-up. UV
+  rasterisation is excluded, as in the paper ("implementation dependent").
+* ``fps``: frames per second of the executed stream (median of ``stream_repeats`` runs),
+  including the caching work a warp mode does alongside.
+* ``stream_ms``: median per-frame latency seen inside that stream (queueing included).
+
+CPU note: with ``devices=["cpu", "cpu"]`` the two workers are threads of one process sharing
+the machine's cores; each uses ``num_threads`` intra-op threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from headkit.data.dataset import FrameDataset
+from headkit.data.image_io import to_uint8, write_image
+from headkit.engine.evaluate import write_video
+from headkit.engine.logging import progress
+from headkit.metrics import MetricUnavailable, l2, lpips, model_size_mb, psnr, ssim, time_fn
+from headkit.plot import line_plot_svg
+from neuralcache.scheduler import ParallelRenderer, SequentialRenderer
+from neuralcache.warp import count_flops
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate_neural_cache", "TABLE1_COLUMNS", "score", "build_stream", "run_mode", "network_latencies",
+           "network_flops"]
+
+TABLE1_COLUMNS = ["model", "workers", "l1", "psnr", "ssim", "latency_ms", "fps", "stream_ms", "distances"]
+ONLINE_COLUMNS = ["model", "rate", "l1", "psnr", "ssim", "frames", "distances"]
+DISTANCE_COLUMNS = ["model", "distance", "l1", "psnr", "ssim"]
+#: the paper's row order of Table 1 (rows carry ``order`` for scripts/neuralcache_table.py)
+ROW_ORDER = {"dnr": 0, "dnr_plus": 1, "dnr_plus_plus": 3, "explicit_warp": 4, "ours": 5}
+
+
+@contextmanager
+def _threads(n: int | None):
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def score(images: list[torch.Tensor], targets: list[torch.Tensor]) -> dict[str, float]:
+    """Mean L1, L2, PSNR and SSIM of ``[1, H, W, 3]`` images against their targets."""
+    preds, gts = torch.cat(images).clamp(0, 1).float().cpu(), torch.cat(targets).float().cpu()
+    return {"l1": (preds - gts).abs().mean().item(), "l2": l2(preds, gts).mean().item(),
+            "psnr": psnr(preds, gts).mean().item(), "ssim": ssim(preds, gts).mean().item()}
+
+
+@torch.no_grad()
+def build_stream(model, dataset: FrameDataset, warmup: int) -> tuple[list[dict], list[int], list[torch.Tensor]]:
+    """Encode the test stream: ``warmup`` video frames before the first test frame, then the
+    test frames. Returns ``(scheduler frames, stream positions that are scored, targets)``."""
+    subject = dataset.subject
+    first = int(dataset.frame_ids[0])
+    ids = list(range(max(0, first - warmup), first)) + [int(f) for f in dataset.frame_ids]
+    scored = list(range(len(ids) - len(dataset.frame_ids), len(ids)))
+    everything = FrameDataset(subject, "all")
+    batches = (model.frame_batch(everything, [f], "cpu") for f in ids)
+    frames = list(model.encode_stream(batches))
+    targets = [frames[i]["inputs"].images for i in scored]
+    return frames, scored, targets
+
+
+def run_mode(model, frames: list[dict], k: int, schedule: str, devices: list[str], repeats: int,
+         max_in_flight: int | None) -> tuple[list[torch.Tensor], float, float]:
+    """Execute a mode; returns ``(outputs in order, median fps, median per-frame stream latency ms)``."""
+    def make():
+        if len(devices) == 1:
+            return SequentialRenderer(devices[0], model.make_worker, warp_distance=k, schedule=schedule)
+        return ParallelRenderer(devices, model.make_worker, warp_distance=k, schedule=schedule,
+                                max_in_flight=max_in_flight)
+
+    outputs, fps, lat = None, [], []
+    for rep in range(repeats + 1):  # the first run warms up (allocations, thread start)
+        with make() as renderer:
+            start = time.perf_counter()
+            got = [out.cpu() for _, out in renderer.run(frames)]
+            elapsed = time.perf_counter() - start
+            if rep == 0:
+                outputs = got
+            else:
+                fps.append(len(frames) / elapsed)
+                lat.append(1e3 * float(np.median(renderer.latencies_s)))
+    if not fps:
+        return outputs, math.nan, math.nan
+    return outputs, float(np.median(fps)), float(np.median(lat))
+
+
+def _distances(k: int, n: int, schedule: str) -> str:
+    if schedule == "cache_first":
+        return "0"
+    lo, hi = (1, k) if n == 1 else (k, 2 * k - 1)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def network_latencies(model, frame: dict, device: str, repeats: int) -> dict[str, float]:
+    """Synchronised median latency (ms) of G (texture sampling included) and W, one frame."""
+    worker = model.make_worker(device)
+    out = {"generator": time_fn(lambda: worker.cache(frame), repeats=repeats, warmup=3, device=device)["median_ms"]}
+    if model.warp is not None:
+        worker.cache(frame)
+        out["warp"] = time_fn(lambda: worker.warp(frame), repeats=repeats, warmup=3, device=device)["median_ms"]
+    return out
+
+
+@torch.no_grad()
+def network_flops(model, frame: dict, device: str) -> dict[str, int]:
+    """FLOPs of G (on a texture sample) and W (``torch.utils.flop_counter``)."""
+    inputs, prev = frame["inputs"].to(device), frame["prev"].to(device)
+    textures = model.sample_texture(inputs)
+    args = (textures, model.sample_texture(prev)) if model.spec.uses_previous_frame else (textures,)
+    out = {"generator": count_flops(model.generator, *args)}
+    if model.warp is not None:
+        _, cache = model.make_cache(inputs)
+        out["warp"] = count_flops(model.warp, cache, inputs.params)
+    return out
+
+
+@torch.no_grad()
+def _warp_distance_ablation(model, frames, scored, targets, distances, device) -> list[dict]:
+    """Quality when every scored frame is warped from the cache of the frame ``d`` before it."""
+    caches = {}
+    rows = []
+    for d in distances:
+        images, gts = [], []
+        for pos, target in zip(scored, targets):
+            src = pos - d
+            if src < 0:
+                continue
+            if src not in caches:
+                caches[src] = model.make_cache(frames[src]["inputs"].to(device))[1]
+            images.append(model.warp_frame(caches[src], frames[pos]["inputs"].to(device)).cpu())
+            gts.append(target)
+        if images:
+            rows.append({"model": model.spec.label, "distance": d, **score(images, gts), "frames": len(images),
+                         "order": 10 * ROW_ORDER[model.variant] + d})
+    return rows
+
+
+def evaluate_neural_cache(model, dataset: FrameDataset, run_dir: str | Path, *, device=None,
+                          with_lpips: bool = True, save_video: bool = True, save_images: bool = True,
+                          timing_repeats: int = 20, lpips_weights: str | None = None,
+                          show_progress: bool = True, warps=(1, 2), workers=(1, 2),
+                          devices: list[str] | None = None, num_threads: int | None = 1,
+                          stream_repeats: int = 3, max_in_flight: int | None = 1,
+                          ablation_distances=(1, 2, 3, 4), online: bool = True) -> dict[str, Any]:
+    """Evaluate ``model`` on ``dataset`` (the test split); see the module docstring.
+
+    Returns the run's ``metrics.json`` content: the generic keys (``psnr``, ``ssim``, ``l2``,
+    ``lpips``, ``time_per_frame_ms``, ``fps``, model size, ...) for the variant's own mode
+    (G for baselines; ``warp_distance`` x warp on one worker for warp variants), ``l1``, FLOPs
+    and latencies of G and W, and ``tables``: ``{name: {"columns", "rows"}}`` with the
+    Table-1-style rows, the online (Table-2-style) rows and the warp-distance ablation.
+    Writes ``test_renders/``, ``test_side_by_side.mp4`` and ``warp_distance.svg``.
+    """
+    run_dir = Path(run_dir)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    dev = str(device)
+    if devices is None:
+        if device.type == "cuda" and torch.cuda.device_count() >= 2:
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        else:
+            devices = [dev] * max(workers)
+    if max(workers) > len(devices):
+        raise ValueError(f"model.evaluation.workers={list(workers)} needs {max(workers)} devices, "
+                         f"model.evaluation.devices has {devices}")
+    model.eval()
+    warmup = max(2 * max(warps) - 1, max(ablation_distances, default=1), 1)
+    frames, scored, targets = build_stream(model, dataset, warmup)
+    label = model.spec.label
+    rows: list[dict[str, Any]] = []
+    primary: list[torch.Tensor] | None = None
+    with _threads(num_threads):
+        latency = network_latencies(model, frames[scored[0]], dev, timing_repeats)
+        flops = network_flops(model, frames[scored[0]], dev)
+        if model.warp is None:
+            outs, fps, stream_ms = run_mode(model, frames, 0, "cache_first", [dev], stream_repeats, max_in_flight)
+            row = {"model": label, "workers": 1, "latency_ms": latency["generator"], "fps": fps,
+                   "stream_ms": stream_ms, "distances": "0", "order": 100 * ROW_ORDER[model.variant] + 50}
+            if model.variant == "dnr_plus":
+                # The naive baseline: frame t shows G's image of frame t - 1.
+                naive = [outs[p - 1] for p in scored]
+                rows.append({**row, "model": f"{label} (naive)", **score(naive, targets), "distances": "1 (shown late)",
+                             "order": row["order"] - 10})
+            primary = [outs[p] for p in scored]
+            rows.append({**row, **score(primary, targets)})
+        else:
+            for k in progress(warps, desc="eval modes", enabled=show_progress):
+                for n in workers:
+                    outs, fps, stream_ms = run_mode(model, frames, k, "algorithm1", devices[:n], stream_repeats,
+                                                max_in_flight)
+                    images = [outs[p] for p in scored]
+                    rows.append({"model": f"{label} ({k}x warp)", "workers": n, **score(images, targets),
+                                 "latency_ms": latency["warp"], "fps": fps, "stream_ms": stream_ms,
+                                 "distances": _distances(k, n, "algorithm1"), "warp": k,
+                                 "order": 100 * ROW_ORDER[model.variant] + 10 * k + n})
+                    if k == model.warp_distance and n == 1:
+                        primary = images
+            if primary is None:  # the run's own k is not among the evaluated warps
+                outs, *_ = run_mode(model, frames, model.warp_distance, "algorithm1", [dev], 0, max_in_flight)
+                primary = [outs[p] for p in scored]
+
+    metrics: dict[str, Any] = {"variant": model.variant, **score(primary, targets), "lpips": None}
+    if with_lpips:
+        try:
+            metrics["lpips"] = float(np.mean([lpips(p.clamp(0, 1), t, alexnet_path=lpips_weights).item()
+                                              for p, t in zip(primary, targets)]))
+        except MetricUnavailable as exc:
+            metrics["lpips_unavailable_reason"] = exc.reason
+    else:
+        metrics["lpips_unavailable_reason"] = "disabled by eval.lpips=false"
+    own = next((r for r in rows if r["workers"] == 1 and "naive" not in r["model"]
+                and r.get("warp", model.warp_distance) == model.warp_distance), None)
+    own_latency = latency["warp"] if model.warp is not None else latency["generator"]
+    metrics.update({"time_per_frame_ms": own_latency, "fps": own["fps"] if own else None, "num_test_frames": len(scored),
+                    "flops_generator": flops["generator"], "latency_generator_ms": latency["generator"],
+                    "eval_threads": num_threads, "eval_devices": devices[:max(workers)]})
+    if model.warp is not None:
+        metrics.update({"flops_warp": flops["warp"], "latency_warp_ms": latency["warp"],
+                        "warp_to_generator_latency": latency["warp"] / latency["generator"],
+                        "warp_to_generator_flops": flops["warp"] / flops["generator"]})
+    stored = model.stored_state_dict()
+    metrics.update({"model_size_mb": model_size_mb(stored), "model_size_fp16_mb": model_size_mb(stored, dtype=torch.float16),
+                    "num_parameters": int(sum(t.numel() for t in stored.values() if t.is_floating_point())),
+                    "device": dev + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")})
+    tables = {"table1": {"title": f"Table 1 (offline, {dataset.subject.name} test frames)",
+                         "columns": TABLE1_COLUMNS, "rows": rows}}
+    if model.warp is not None and ablation_distances:
+        drows = _warp_distance_ablation(model, frames, scored, targets, list(ablation_distances), dev)
+        tables["warp_distance"] = {"title": "Warp distance ablation (every test frame warped d frames ahead)",
+                                   "columns": DISTANCE_COLUMNS, "rows": drows}
+        if drows:
+            xs = [r["distance"] for r in drows]
+            line_plot_svg(run_dir / "warp_distance.svg", xs, {"PSNR (dB)": [r["psnr"] for r in drows]},
+                          title=f"{label}: PSNR vs warp distance", xlabel="warp distance (frames ahead)",
+                          ylabel="PSNR (dB)")
+            metrics["warp_distance_plot"] = str(run_dir / "warp_distance.svg")
+    if model.warp is not None and online:
+        tables["online"] = {"title": "Online (Table 2 style): 1x warp at half the frame rate vs 2x at the full rate",
+                            "columns": ONLINE_COLUMNS, "rows": _online_rows(model, frames, scored, targets, dev,
+                                                                           dataset.subject.fps, label)}
+    metrics["tables"] = tables
+    _save_renders(run_dir, dataset, primary, targets, save_images, save_video, metrics)
+    return metrics
+
+
+def _online_rows(model, frames, scored, targets, device, fps, label) -> list[dict]:
+    """Table 2: a 1x-warp renderer that only keeps up with every other frame (so it warps two
+    video frames ahead) vs a 2x-warp renderer processing every frame (warps 1 and 2 ahead).
+    One worker each (the distances a renderer keeping pace would use); each scored on the
+    test frames it processes."""
+    rows = []
+    first = scored[0]
+    half = [i for i in range(len(frames)) if (i - first) % 2 == 0]
+    for k, positions, rate in ((1, half, fps / 2), (2, list(range(len(frames))), fps)):
+        outs, *_ = run_mode(model, [frames[i] for i in positions], k, "algorithm1", [device], 0, 1)
+        by_pos = dict(zip(positions, outs))
+        used = [(by_pos[p], t) for p, t in zip(scored, targets) if p in by_pos]
+        rows.append({"model": f"{label} ({k}x warp)", "rate": f"{rate:g} fps", "order": 10 * ROW_ORDER[model.variant] + k,
+                     **score([u[0] for u in used], [u[1] for u in used]), "frames": len(used),
+                     "distances": "2" if k == 1 else "1-2"})
+    return rows
+
+
+def _save_renders(run_dir: Path, dataset: FrameDataset, images, targets, save_images: bool, save_video: bool,
+                  metrics: dict) -> None:
+    frames = []
+    for fid, pred, gt in zip(dataset.frame_ids, images, targets):
+        side = to_uint8(torch.cat([pred[0].clamp(0, 1), gt[0]], dim=1).cpu().numpy())
+        frames.append(side)
+        if save_images:
+            write_image(run_dir / "test_renders" / f"{int(fid):05d}.png", side)
+    if save_video and frames:
+        video = write_video(run_dir / "test_side_by_side.mp4", frames, fps=dataset.subject.fps)
+        metrics["video"] = str(video) if video else None
+    if not math.isfinite(metrics["psnr"]):
+        log.warning("non-finite test PSNR")

@@ -1,0 +1,107 @@
+"""GraphAvatar's component ablation (paper Table 2) from a Hydra multirun folder.
+
+    python scripts/train.py -m ablation=full,no_warmup,no_neural,no_ggo,no_enhancer
+    python scripts/ablation_table.py outputs/train/multirun_<date_time>
+
+Every run folder under DIR (one holding ``config.yaml`` or ``metrics.json``) becomes a row,
+named by its config's ``ablation_name`` (else the ``ablation=`` override in
+``.hydra/overrides.yaml``, else the folder name). Columns: L2, PSNR, SSIM, LPIPS, time per
+frame (seconds, as the paper) and model size (MB). A run without ``metrics.json`` (unfinished
+or crashed) is listed as such. Prints the markdown table and writes it to
+``DIR/ablation_table.md`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ORDER = ("no_warmup", "no_neural", "no_ggo", "no_enhancer", "full")  # Table 2's row order
+LABELS = {"no_warmup": "w/o Warm-up Stage", "no_neural": "w/o Neural Gaussian",
+          "no_ggo": "w/o Graph-guided Optimization", "no_enhancer": "w/o 3D-aware Enhancer",
+          "full": "Full Pipeline"}
+COLUMNS = (("L2", "l2", 1.0, "{:.4f}"), ("PSNR", "psnr", 1.0, "{:.2f}"), ("SSIM", "ssim", 1.0, "{:.3f}"),
+           ("LPIPS", "lpips", 1.0, "{:.3f}"), ("Time (s)", "time_per_frame_ms", 1e-3, "{:.4f}"),
+           ("Size (MB)", "model_size_mb", 1.0, "{:.2f}"))
+
+
+def _ablation_name(run: Path) -> str:
+    """The run's ablation: config ``ablation_name``, else the Hydra override, else the folder name."""
+    config = run / "config.yaml"
+    if config.is_file():
+        name = OmegaConf.load(config).get("ablation_name")
+        if name:
+            return str(name)
+    overrides = run / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        for item in OmegaConf.load(overrides):
+            if str(item).startswith("ablation="):
+                return str(item).split("=", 1)[1]
+    return run.name
+
+
+def collect(root: str | Path) -> list[dict]:
+    """One row per run folder under ``root``: ``{"ablation", "run", "metrics" (None if missing)}``,
+    in Table 2's order (other names after, alphabetically)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (pass the multirun folder, e.g. "
+                                f"outputs/train/multirun_<date_time>)")
+    runs = {p.parent for p in root.rglob("metrics.json")}
+    runs |= {p.parent for p in root.rglob("config.yaml") if ".hydra" not in p.parts}
+    rows = []
+    for run in sorted(runs):
+        metrics_file = run / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        rows.append({"ablation": _ablation_name(run), "run": str(run), "metrics": metrics})
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(rows, key=lambda r: (rank.get(r["ablation"], len(ORDER)), r["ablation"], r["run"]))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Table 2 layout: ``| Method | L2 | PSNR | SSIM | LPIPS | Time (s) | Size (MB) |``."""
+    header = "| Method | " + " | ".join(c[0] for c in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    for row in rows:
+        label = LABELS.get(row["ablation"], row["ablation"])
+        if row["metrics"] is None:
+            cells = ["not finished"] + [""] * (len(COLUMNS) - 1)
+        else:
+            cells = []
+            for _, key, factor, fmt in COLUMNS:
+                value = row["metrics"].get(key)
+                cells.append("n/a" if value is None else fmt.format(value * factor))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table of the multirun folder and write it next to the runs."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="the multirun folder (outputs/train/multirun_<date_time>)")
+    parser.add_argument("--out", default=None, help="markdown file to write (default FOLDER/ablation_table.md)")
+    args = parser.parse_args(argv)
+    try:
+        rows = collect(args.folder)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not rows:
+        print(f"error: no run folders (config.yaml / metrics.json) under {args.folder}", file=sys.stderr)
+        return 1
+    text = markdown_table(rows)
+    print(text)
+    reasons = {r["metrics"].get("lpips_unavailable_reason") for r in rows if r["metrics"]} - {None}
+    for reason in sorted(reasons):
+        print(f"LPIPS n/a: {reason}")
+    out = Path(args.out) if args.out else Path(args.folder) / "ablation_table.md"
+    out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
