@@ -253,7 +253,8 @@ def _numpy1_pickle_names(path: Path) -> None:
         for item in zin.infolist():
             data = zin.read(item.filename)
             if item.filename.endswith("data.pkl"):
-                assert b"numpy._core.multiarray" in data
+                # numpy 2 pickles name numpy._core; numpy 1 already writes numpy.core
+                assert b"numpy._core.multiarray" in data or b"numpy.core.multiarray" in data
                 data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
             zout.writestr(item, data)
     path.write_bytes(out.getvalue())

@@ -15,6 +15,16 @@ from tests.gaussian_reference import dense_render
 W, H = 48, 32
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These scenes are tiny: extra OpenMP threads only add barriers, which cost whole
+    scheduler slices on an oversubscribed machine (10x slower here with 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def look_at(eye, target, dtype=torch.float32):
     """World-to-camera matrix (OpenCV axes) of a camera at ``eye`` looking at ``target``."""
     eye, target = torch.tensor(eye, dtype=dtype), torch.tensor(target, dtype=dtype)

@@ -31,6 +31,7 @@ the files, never from constants.
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from pathlib import Path
@@ -223,7 +224,8 @@ def _numbered_files(folder: Path, suffix: str) -> list[int]:
 
 def _safe_numpy_globals() -> list:
     """What numpy arrays and scalars need to unpickle, under numpy 2 and numpy 1 names."""
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    major = int(np.__version__.split(".")[0])
+    multiarray = importlib.import_module("numpy._core.multiarray" if major >= 2 else "numpy.core.multiarray")
     allowed: list = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar,
                      (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
                      (multiarray.scalar, "numpy.core.multiarray.scalar")]

@@ -60,7 +60,7 @@ def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device
     for pos in progress(range(len(dataset)), desc="eval", enabled=show_progress):
         batch = dataset.batch([pos], device)
         pred = model.render_eval(batch).clamp(0, 1)
-        gt = batch["image"]
+        gt = model.target_image(batch)
         per_frame["l2"].append(l2(pred, gt).item())
         per_frame["psnr"].append(psnr(pred, gt).item())
         per_frame["ssim"].append(ssim(pred, gt).item())

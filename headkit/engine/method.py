@@ -73,6 +73,12 @@ class Method(nn.Module):
     def after_step(self, step: int) -> None:
         """Hook run after each optimiser step (e.g. schedules that are not LR schedules)."""
 
+    def target_image(self, batch: dict[str, Tensor]) -> Tensor:
+        """The ground truth a render is scored against, ``[B,H,W,3]``: the frame as stored by
+        default; methods that train against a mask-composited frame override this so that
+        evaluation scores the same target."""
+        return batch["image"]
+
     @torch.no_grad()
     def render_eval(self, batch: dict[str, Tensor]) -> Tensor:
         """The image shown for a test frame, ``[B,H,W,3]`` in [0, 1]."""
