@@ -258,7 +258,7 @@ class GraphAvatar(Method):
                 "num_gaussians": counts, "delta_expression": d_expr, "delta_pose": d_pose,
                 "anchor_offsets": anchors["offsets"], "anchor_scales": anchors["scales"]}
 
-    def targets(self, batch: dict[str, Tensor]) -> Tensor:
+    def target_image(self, batch: dict[str, Tensor]) -> Tensor:
         """Training targets ``[B,H,W,3]``: the images, or (``render.composite_gt``) the images
         composited over the background colour with the masks (for real data whose background
         is not the render background)."""
@@ -268,14 +268,14 @@ class GraphAvatar(Method):
 
     def get_loss_dict(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         """Paper eq. 11-12 (see :class:`~graphavatar.losses.GraphAvatarLoss`)."""
-        return self.loss_fn(outputs, self.targets(batch), batch["mask"], step, self.edge_length,
+        return self.loss_fn(outputs, self.target_image(batch), batch["mask"], step, self.edge_length,
                             has_enhancer=self.enhancer is not None)
 
     @torch.no_grad()
     def get_metrics_dict(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, float]:
         """PSNR of the final and coarse images, and the mean number of Gaussians rasterized."""
         from headkit.metrics import psnr
-        targets = self.targets(batch)
+        targets = self.target_image(batch)
         return {"psnr": psnr(outputs["image"].clamp(0, 1), targets).mean().item(),
                 "psnr_coarse": psnr(outputs["coarse_image"].clamp(0, 1), targets).mean().item(),
                 "num_gaussians": outputs["num_gaussians"].mean().item()}

@@ -6,9 +6,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 os.environ.setdefault("HEADKIT_NO_PROGRESS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared CPUs
+import torch  # noqa: E402  (after the OpenMP setting)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from headkit.data.subject import Subject, holdout_split  # noqa: E402

@@ -49,7 +49,8 @@ def dense_render(means, quats, scales, opacities, colors, viewmats, Ks, width, h
         else:
             col = colors[keep]
         order = torch.argsort(z, stable=True)
-        m2d, z, conic, col, op = m2d[order], z[order], conic[order], col[order], opacities[keep][order]
+        m2d, z, conic, col = m2d[order], z[order], conic[order], col[order]
+        op = opacities[keep][order]
 
         d = m2d[:, None, :] - pix[None]  # [G, P, 2]
         sigma = 0.5 * (conic[:, None, 0] * d[..., 0] ** 2 + conic[:, None, 2] * d[..., 1] ** 2) \

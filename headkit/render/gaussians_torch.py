@@ -28,6 +28,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .gaussians_binning import bin_gaussians, plan_buckets
 from .gaussians_project import ALPHA_THRESHOLD
@@ -159,6 +160,7 @@ class CompositeTiles(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # no double backward (it would need the backward's own derivative)
     def backward(ctx, grad_out):  # grad_out: [n_tiles, px, F]
         attrs, features, monomials, *saved = ctx.saved_tensors
         grad_attrs = torch.zeros_like(attrs) if ctx.needs_input_grad[0] else None
