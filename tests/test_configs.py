@@ -32,7 +32,7 @@ def test_every_group_option_composes(group, option):
         assert OmegaConf.select(cfg, group) is not None
 
 
-@pytest.mark.parametrize("name", ["train", "eval", "prepare_data"])
+@pytest.mark.parametrize("name", ["train", "eval", "prepare_data", "fit_3dgs"])
 def test_top_level_configs_compose(name):
     cfg = _compose(name, [])
     assert cfg.task_name == name
