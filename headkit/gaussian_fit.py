@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from headkit.cameras import camtoworld_to_viewmat, invert_rigid, quat_to_rotmat, transform_points
+from headkit.cameras import camtoworld_to_viewmat, invert_rigid, transform_points
 from headkit.data.dataset import FrameDataset
 from headkit.data.subject import Subject
 from headkit.encodings import num_sh_bases
