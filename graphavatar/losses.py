@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -49,17 +50,29 @@ class GraphAvatarLoss:
         offset_hinge, scale_hinge: the authors' range penalties, ``weight · mean(relu(x - max))``
             with ``x`` = anchor offset length resp. largest anchor scale, both in units of the
             template's mean edge length; ``weight = 0`` turns a penalty off.
+        ggo_reg: ``{"pose": w_p, "expression": w_e}``, an L2 penalty on GGO's offsets,
+            ``w_p · mean(ω² + (v / d)²) + w_e · mean(Δe²)`` (``ω`` in radians, the translation
+            ``v`` divided by the typical camera distance ``d`` so both are angles). Not in the
+            paper; it fixes a gauge freedom: a camera offset shared by all training frames is
+            indistinguishable from moving the whole avatar, and since test frames are rendered
+            with the tracked camera (``ggo.apply_on_test=false``) such a drift would misalign
+            every test render. With the penalty, shared offsets go to the avatar and GGO keeps
+            only per-frame corrections.
+        translation_unit: ``d`` above (the model passes the median camera-to-head distance).
         lpips_weights: AlexNet weight file for LPIPS (None: the default locations).
     """
 
     def __init__(self, l1: float = 0.8, dssim: float = 0.2, lpips: float = 0.1, lpips_from_step: int = 0,
                  coarse: float = 0.1, alpha_bce: float = 0.1, offset_hinge: dict | None = None,
-                 scale_hinge: dict | None = None, lpips_weights: str | None = None) -> None:
+                 scale_hinge: dict | None = None, ggo_reg: dict | None = None, translation_unit: float = 1.0,
+                 lpips_weights: str | None = None) -> None:
         self.l1, self.dssim, self.lpips = float(l1), float(dssim), float(lpips)
         self.lpips_from_step = int(lpips_from_step)
         self.coarse, self.alpha_bce = float(coarse), float(alpha_bce)
         self.offset_hinge = {"weight": 0.0, "max": 3.0, **(offset_hinge or {})}
         self.scale_hinge = {"weight": 0.0, "max": 3.0, **(scale_hinge or {})}
+        self.ggo_reg = {"pose": 0.0, "expression": 0.0, **(ggo_reg or {})}
+        self.translation_unit = float(translation_unit)
         self.lpips_weights = lpips_weights
         self.lpips_unavailable: str | None = None
 
@@ -96,6 +109,12 @@ class GraphAvatarLoss:
             # BCE in float32 with the alpha clamped away from {0, 1}: log(0) would be -inf.
             alphas = outputs["alpha"].clamp(1e-6, 1.0 - 1e-6)
             losses["alpha_bce"] = self.alpha_bce * F.binary_cross_entropy(alphas, masks.clamp(0, 1))
+        if self.ggo_reg["pose"] and "delta_pose" in outputs:
+            d = outputs["delta_pose"]
+            angles = torch.cat([d[:, :3], d[:, 3:] / self.translation_unit], dim=-1)
+            losses["ggo_pose_reg"] = self.ggo_reg["pose"] * angles.square().mean()
+        if self.ggo_reg["expression"] and "delta_expression" in outputs:
+            losses["ggo_expression_reg"] = self.ggo_reg["expression"] * outputs["delta_expression"].square().mean()
         if self.offset_hinge["weight"]:
             lengths = outputs["anchor_offsets"].norm(dim=-1) / edge_length
             losses["offset_hinge"] = self.offset_hinge["weight"] * F.relu(lengths - self.offset_hinge["max"]).mean()

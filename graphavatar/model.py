@@ -164,7 +164,7 @@ class GraphAvatar(Method):
                              persistent=False)
         self.register_buffer("template", torch.from_numpy(np.asarray(subject.template_vertices, np.float32)),
                              persistent=False)
-        self.loss_fn = GraphAvatarLoss(**s["loss"])
+        self.loss_fn = GraphAvatarLoss(**s["loss"], translation_unit=depth_normalisation(subject)[0])
 
     # ----------------------------------------------------------------------------- stages
     def frame_head_poses(self, batch: dict[str, Tensor]) -> Tensor:
@@ -191,8 +191,12 @@ class GraphAvatar(Method):
         return {"vertices": vertices, "poses": poses, "z_geo": z_geo, "skips_geo": skips_geo,
                 "z_app": z_app, "skips_app": skips_app}
 
-    def refine(self, batch: dict[str, Tensor], encoded: dict[str, Any],
-               apply: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def refine(
+        self,
+        batch: dict[str, Tensor],  # camtoworld [B,4,4], expression [B,E], time [B]
+        encoded: dict[str, Any],  # from encode()
+        apply: bool = True,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """GGO: ``(camtoworlds' [B,4,4], expressions' [B,E], Δe [B,E], Δξ [B,6])``; zero deltas
         when GGO is disabled or ``apply`` is false."""
         c2w, expr = batch["camtoworld"], batch["expression"]
@@ -212,8 +216,14 @@ class GraphAvatar(Method):
         return {"means": encoded["vertices"] + geo["offsets"], "offsets": geo["offsets"], "quats": geo["quats"],
                 "scales": geo["scales"], "sh": app["sh_coeffs"], "opacities": app["opacities"]}
 
-    def rasterize(self, anchors: dict[str, Tensor], children: dict[str, Tensor] | None,
-                  viewmats: Tensor, Ks: Tensor, centres: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def rasterize(
+        self,
+        anchors: dict[str, Tensor],  # from anchors(): [B, V, ...]
+        children: dict[str, Tensor] | None,  # from NeuralGaussians: [B, V·k, ...] and mask [B, V·k]
+        viewmats: Tensor,  # [B, 4, 4] local frame -> camera
+        Ks: Tensor,  # [B, 3, 3]
+        centres: Tensor,  # [B, 3] camera centres in the local frame
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Splat anchors (SH evaluated towards ``centres [B,3]``) and kept neural Gaussians.
 
         Frames are rendered one by one since each keeps a different number of neural Gaussians.

@@ -34,6 +34,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                "fit_steps": 1000, "fit_sh_increase_every": 250, "fit_batch_size": 1},
     "loss": {"l1": 0.8, "dssim": 0.2, "lpips": 0.1, "lpips_from_step": 0, "coarse": 0.1, "alpha_bce": 0.1,
              "offset_hinge": {"weight": 0.0, "max": 3.0}, "scale_hinge": {"weight": 0.0, "max": 3.0},
+             "ggo_reg": {"pose": 0.0, "expression": 0.0},
              "lpips_weights": None},
     "optim": {"lr": {"unets": 1e-3, "neural_mlps": 2e-3, "neural_anchors": 1e-2, "ggo": 1e-4, "enhancer": 1e-3},
               "schedule": "exponential", "final_ratio": 0.1, "max_steps": 3000},
@@ -122,6 +123,8 @@ def _check(name: str, s: dict, p: str) -> None:
             need(key, _number(s[key]) and s[key] >= 0, "loss weights must be >= 0")
         need("lpips_from_step", isinstance(s["lpips_from_step"], int) and s["lpips_from_step"] >= 0,
              "must be an integer >= 0")
+        for key in ("pose", "expression"):
+            need(f"ggo_reg.{key}", _number(s["ggo_reg"][key]) and s["ggo_reg"][key] >= 0, "must be >= 0")
         for hinge in ("offset_hinge", "scale_hinge"):
             need(f"{hinge}.weight", _number(s[hinge]["weight"]) and s[hinge]["weight"] >= 0, "must be >= 0")
             need(f"{hinge}.max", _number(s[hinge]["max"]) and s[hinge]["max"] > 0, "must be > 0")

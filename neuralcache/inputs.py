@@ -101,8 +101,12 @@ def template_uvs(subject: Subject, source: str = "template") -> tuple[Tensor, Te
     if source not in ("template", "spherical"):
         raise ValueError(f"model.inputs.uv_source must be 'template' or 'spherical', got {source!r}")
     if source == "template" and subject.uvs is not None:
-        return (torch.as_tensor(np.asarray(subject.uvs), dtype=torch.float32),
-                torch.as_tensor(np.asarray(subject.uv_faces), dtype=torch.int64), "template")
+        uvs = torch.as_tensor(np.asarray(subject.uvs), dtype=torch.float32)
+        if not torch.isfinite(uvs).all() or uvs.min() < -1e-3 or uvs.max() > 1 + 1e-3:
+            raise ValueError(f"subject '{subject.name}': template uvs must be finite and in [0, 1], got range "
+                             f"{uvs.min().item():.4g}..{uvs.max().item():.4g} (or NaN); fix the template or set "
+                             f"model.inputs.uv_source=spherical")
+        return uvs, torch.as_tensor(np.asarray(subject.uv_faces), dtype=torch.int64), "template"
     uvs, uv_faces = spherical_uvs(torch.as_tensor(np.asarray(subject.template_vertices), dtype=torch.float32),
                                   torch.as_tensor(np.asarray(subject.faces), dtype=torch.int64))
     return uvs, uv_faces, "spherical (the template has no UVs)" if source == "template" else "spherical"

@@ -163,11 +163,15 @@ class NeuralCache(Method):
         feature_channels = self.generator.feature_channels
         sizes = {"pose_dim": 3, "expr_dim": subject.expression_dim, "cam_dim": 3, "sh_dim": 9}
         self.warp = None
-        if self.spec.warp == "implicit":
-            self.warp = ImplicitWarp(feature_channels=[feature_channels[k] for k in (3, 4, 5)],
-                                     **sizes, **(warp or {}))
-        elif self.spec.warp == "explicit":
-            self.warp = ExplicitWarp(c3_channels=feature_channels[3], **sizes, **(explicit_warp or {}))
+        try:
+            if self.spec.warp == "implicit":
+                self.warp = ImplicitWarp(feature_channels=[feature_channels[k] for k in (3, 4, 5)],
+                                         **sizes, **(warp or {}))
+            elif self.spec.warp == "explicit":
+                self.warp = ExplicitWarp(c3_channels=feature_channels[3], **sizes, **(explicit_warp or {}))
+        except TypeError as exc:  # an unknown key in the YAML
+            key = "model.warp" if self.spec.warp == "implicit" else "model.explicit_warp"
+            raise ValueError(f"{key}: {exc}") from exc
         self.loss = NeuralCacheLoss(**(loss or {}))
         self._uv_memo: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self._tracks: dict[int, dict[str, Tensor]] = {}

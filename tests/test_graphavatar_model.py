@@ -252,6 +252,13 @@ def test_loss_terms_hand_values_and_lpips_skipped_once(caplog):
     hinged = GraphAvatarLoss(lpips=0.0, scale_hinge={"weight": 2.0, "max": 0.5})
     terms = hinged(outputs, targets, masks, step=0, edge_length=1.0, has_enhancer=False)
     assert "coarse" not in terms and terms["scale_hinge"].item() == pytest.approx(2.0 * 0.5)
+    # GGO offset penalty: translation measured as an angle (divided by the camera distance)
+    reg = GraphAvatarLoss(lpips=0.0, ggo_reg={"pose": 3.0, "expression": 0.5}, translation_unit=2.0)
+    deltas = {"delta_pose": torch.tensor([[0.1, 0.0, 0.0, 0.2, 0.0, 0.0]]),
+              "delta_expression": torch.tensor([[0.2, 0.0]])}
+    terms = reg({**outputs, **deltas}, targets, masks, step=0, edge_length=1.0, has_enhancer=True)
+    assert terms["ggo_pose_reg"].item() == pytest.approx(3.0 * (0.01 + 0.01) / 6)
+    assert terms["ggo_expression_reg"].item() == pytest.approx(0.5 * 0.04 / 2)
 
 
 def test_optimizer_groups_and_schedules(subject):

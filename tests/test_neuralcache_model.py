@@ -104,6 +104,10 @@ def test_spherical_fallback_uvs_and_encoder_uses_them():
     assert (spans.amax(1) - spans.amin(1)).max() <= 0.5  # no face interpolates across the seam
     enc = FrameEncoder(make_tiny_subject(with_uvs=False))
     assert enc.uv_how.startswith("spherical")
+    broken = make_tiny_subject()
+    broken.uvs[0, 0] = 1.5
+    with pytest.raises(ValueError, match="template uvs must be finite and in"):
+        FrameEncoder(broken)
 
 
 def test_delayed_gaussian_filter_is_causal_size_5():
@@ -261,6 +265,8 @@ def test_config_errors_name_the_key(subject):
         NeuralCache(subject, variant="dnr_pluss")
     with pytest.raises(ValueError, match="model.generator.chanels"):
         NeuralCache(subject, generator={"chanels": [8, 8, 8]})
+    with pytest.raises(ValueError, match="model.warp: .*use_uvs"):
+        NeuralCache(subject, **{**SMALL, "warp": {"use_uvs": False}})
     with pytest.raises(ValueError, match="model.optim.lr"):
         NeuralCache(subject, **SMALL, optim={"lr": -1.0})
     model = _model(subject)
