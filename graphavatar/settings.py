@@ -17,7 +17,7 @@ __all__ = ["DEFAULTS", "ConfigValueError", "section"]
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "hierarchy": {"factors": [4, 8], "preserve_border": False, "cache_dir": None},
-    "unet": {"filters": [16, 16], "K": 6, "latent": 8, "bottleneck": "global", "skip": True, "num_freqs": 0},
+    "unet": {"filters": [16, 16], "K": 3, "latent": 8, "bottleneck": "global", "skip": True, "num_freqs": 0},
     "geometry": {"offset_scale": None, "scale_init": None},
     "appearance": {"sh_degree": 3, "opacity_init": 0.1},
     "neural_gaussians": {"enabled": True, "num_offsets": 2, "feature_dim": 4, "hidden_dim": 32,
@@ -29,12 +29,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                  "depth_scale": None},
     "render": {"background": [1.0, 1.0, 1.0], "composite_gt": False, "backend": "auto", "tile_size": None,
                "near_plane": 0.01},
-    "warmup": {"enabled": True, "steps": 500, "loss": "mse", "batch_size": 1, "lr": 1e-3, "log_every": 50,
+    "warmup": {"enabled": True, "steps": 500, "loss": "mse", "batch_size": 1, "lr": 2e-3, "log_every": 50,
                "weights": {"means": 1.0, "scales": 1.0, "quats": 1.0, "sh": 1.0, "opacities": 1.0},
                "fit_steps": 1000, "fit_sh_increase_every": 250, "fit_batch_size": 1},
     "loss": {"l1": 0.8, "dssim": 0.2, "lpips": 0.1, "lpips_from_step": 0, "coarse": 0.1, "alpha_bce": 0.1,
              "offset_hinge": {"weight": 0.0, "max": 3.0}, "scale_hinge": {"weight": 0.0, "max": 3.0},
-             "ggo_reg": {"pose": 0.0, "expression": 0.0},
+             "ggo_reg": {"pose": 1000.0, "expression": 10.0},
              "lpips_weights": None},
     "optim": {"lr": {"unets": 1e-3, "neural_mlps": 2e-3, "neural_anchors": 1e-2, "ggo": 1e-4, "enhancer": 1e-3},
               "schedule": "exponential", "final_ratio": 0.1, "max_steps": 3000},

@@ -208,6 +208,10 @@ class ImplicitWarp(nn.Module):
     ``[sh_channel_start, sh_channel_start + 9)`` of C4 and C5 by the 9 values of
     ``Δh = h_{t+1} - h_t`` and pass the other channels unchanged (so C4/C5 need >= 9 + start
     channels). The paper does not say which channels; G learns, end to end, what to put there.
+    For consecutive frames ``Δh`` is small, so these channels carry a first-order, motion-
+    scaled term and are nearly zero without motion; with a narrow G (C5 of 16 channels) that
+    silences over half of C5. ``skip_modulation="append"`` keeps C4/C5 whole and appends the
+    9 modulated channels instead (+9 input channels to W1 and W2).
 
     Ablation switches (Table 3 / Table 4): ``use_uv`` (Concat UV), ``use_pose`` and
     ``use_camera`` (Use θ), ``use_mlp`` (Use MLP), ``use_pose_sh`` (SH Pose: h in M's input),
@@ -222,6 +226,7 @@ class ImplicitWarp(nn.Module):
             channels (G's own layer at that place has all of them), is a latency choice: W1's
             convolution at ``H/2`` is W's largest cost, and halving it brings W to about 0.3x
             G's CPU time with the paper-sized generator (0.40-0.47x at full width).
+        skip_modulation: ``"replace"`` (multiply the 9 channels in place) or ``"append"``.
         norm: norm after W1 (see :func:`neuralcache.generators.make_norm`).
         out_activation: ``"sigmoid"`` or ``"none"``, as G's.
     """
@@ -230,7 +235,7 @@ class ImplicitWarp(nn.Module):
                  expr_dim: int = 50, cam_dim: int = 3, sh_dim: int = 9, mlp_dim: int = 16,
                  hidden_channels: int | None = None, use_camera: bool = True, use_pose: bool = True,
                  use_expression: bool = True, use_pose_sh: bool = True, use_uv: bool = True,
-                 use_mlp: bool = True, modulate_skips: bool = True,
+                 use_mlp: bool = True, modulate_skips: bool = True, skip_modulation: str = "replace",
                  cached_layers: Sequence[int] = (3, 4, 5), sh_channel_start: int = 0,
                  norm: str = "instance", out_channels: int = 3, out_activation: str = "sigmoid") -> None:
         super().__init__()
@@ -245,17 +250,21 @@ class ImplicitWarp(nn.Module):
                 if k != 3 and self.channels[k] < sh_channel_start + sh_dim:
                     raise ValueError(f"C{k} has {self.channels[k]} channels, too few to modulate "
                                      f"{sh_dim} of them from sh_channel_start={sh_channel_start}")
+        if skip_modulation not in ("replace", "append"):
+            raise ValueError(f"unknown skip_modulation {skip_modulation!r}; expected 'replace' or 'append'")
         self.cached_layers, self.use_uv, self.modulate_skips = layers, use_uv, modulate_skips
+        self.skip_modulation = skip_modulation
+        extra = sh_dim if modulate_skips and skip_modulation == "append" else 0
         self.sh_channel_start, self.sh_dim = sh_channel_start, sh_dim
         self.cond = _Conditioning(pose_dim, expr_dim, cam_dim, sh_dim, mlp_dim, use_camera, use_pose,
                                   use_expression, use_pose_sh, use_mlp)
         hidden = hidden_channels or max(1, self.channels[5] // 2)
         w1_in = self.channels[3] + self.cond.out_dim + (2 if use_uv else 0)
-        w1_in += self.channels[4] if 4 in layers else 0
+        w1_in += self.channels[4] + extra if 4 in layers else 0
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         self.w1 = nn.Sequential(nn.Conv2d(w1_in, hidden, 3, padding=1), make_norm(norm, hidden),
                                 nn.ReLU(inplace=True))
-        w2_in = hidden + (self.channels[5] if 5 in layers else 0)
+        w2_in = hidden + (self.channels[5] + extra if 5 in layers else 0)
         if out_activation not in ("sigmoid", "none"):
             raise ValueError(f"unknown out_activation {out_activation!r}; expected 'sigmoid' or 'none'")
         act = nn.Sigmoid() if out_activation == "sigmoid" else nn.Identity()
@@ -272,7 +281,10 @@ class ImplicitWarp(nn.Module):
         if not self.modulate_skips:
             return feats
         s, e = self.sh_channel_start, self.sh_channel_start + self.sh_dim
-        return torch.cat([feats[:, :s], feats[:, s:e] * dhs[:, :, None, None], feats[:, e:]], dim=1)
+        modulated = feats[:, s:e] * dhs[:, :, None, None]
+        if self.skip_modulation == "append":
+            return torch.cat([feats, modulated], dim=1)
+        return torch.cat([feats[:, :s], modulated, feats[:, e:]], dim=1)
 
     def forward(self, cache: Cache, params: FrameParams) -> dict[str, Tensor]:
         """``{"images": [B, H, W, 3]}``: frame ``t+1`` (``params``) rendered from ``cache``."""
