@@ -270,7 +270,11 @@ class FrameEncoder(nn.Module):
                  stabilize: StabilizationConfig | dict | None = None,
                  background: tuple[float, float, float] | None = None) -> None:
         super().__init__()
-        self.stabilize = stabilize if isinstance(stabilize, StabilizationConfig) else StabilizationConfig(**(stabilize or {}))
+        try:
+            self.stabilize = (stabilize if isinstance(stabilize, StabilizationConfig)
+                              else StabilizationConfig(**(stabilize or {})))
+        except TypeError as exc:  # an unknown key in the YAML
+            raise ValueError(f"model.inputs.stabilize: {exc}") from exc
         uvs, uv_faces, self.uv_how = template_uvs(subject, uv_source)
         self.register_buffer("faces", torch.as_tensor(np.asarray(subject.faces), dtype=torch.int64), persistent=False)
         self.register_buffer("uvs", uvs, persistent=False)

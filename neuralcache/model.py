@@ -141,7 +141,6 @@ class NeuralCache(Method):
         if min(self.train_warp_distances) < 1:
             raise ValueError(f"invalid config value model.train_warp_distances={train_warp_distances} (each >= 1)")
         self.expression_dim = subject.expression_dim
-        self.subject_name = subject.name
         self.optim = _merged(OPTIM_DEFAULTS, optim, "optim")
         for key in ("lr", "texture_lr"):
             if not self.optim[key] > 0:
