@@ -209,6 +209,17 @@ def test_warp_output_shape_and_it_uses_the_deltas(subject):
         assert not torch.allclose(model.warp_frame(cache, moved), out), "W ignores ΔU"
 
 
+def test_appended_skip_modulation_keeps_the_skips_whole(subject):
+    replace = _model(subject, warp={"mlp_dim": 4}).warp
+    append = _model(subject, warp={"mlp_dim": 4, "skip_modulation": "append"}).warp
+    assert append.w1[0].in_channels == replace.w1[0].in_channels + 9
+    assert append.w2[1].in_channels == replace.w2[1].in_channels + 9
+    feats, dhs = torch.randn(2, 16, 4, 4), torch.zeros(2, 9)
+    out = append._modulate(feats, dhs)  # no pose change: the skip passes whole, the extra part is 0
+    assert torch.equal(out[:, :16], feats) and out[:, 16:].abs().max() == 0
+    assert replace._modulate(feats, dhs)[:, :9].abs().max() == 0
+
+
 # ---------------------------------------------------------------- execution modes
 def test_two_workers_equal_sequential_and_algorithm1_uses_the_planned_caches(subject):
     model = _model(subject, warp_distance=2).eval()
