@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 #: config keys that may change when a run is resumed
 RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.resume", "trainer.device", "trainer.progress",
-                     "trainer.log_every", "trainer.image_every", "trainer.ckpt_every", "eval.*",
+                     "trainer.log_every", "trainer.image_every", "trainer.ckpt_every", "trainer.num_threads",
+                     "eval.*",
                      "paths.*", "run_dir")
 
 
@@ -90,6 +91,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     save_config(run_dir, cfg)
     seed_everything(int(cfg.seed), deterministic=bool(tcfg.get("deterministic", False)))
     device = device_from_string(tcfg.device)
+    if tcfg.get("num_threads"):
+        torch.set_num_threads(int(tcfg.num_threads))
 
     subject = instantiate(cfg.data, _convert_="all")
     model = build_method(cfg, subject).to(device)
