@@ -322,6 +322,39 @@ class FrameEncoder(nn.Module):
         return render_uv_maps(batch["vertices"], self.faces, self.uvs, self.uv_faces, batch["viewmat"],
                               S @ batch["K"], self.width, self.height)
 
+    def conditioning(self, viewmats: Tensor, head_poses: Tensor, centres: Tensor,  # [B,4,4], [B,4,4], [B,3]
+                     ) -> dict[str, Tensor]:
+        """θ ``poses [B, 3]``, p ``cam_positions [B, 3]``, h ``pose_shs [B, 9]`` and the view
+        direction ``view_dirs [B, 3]`` of frames (``centres``: world head centres)."""
+        # Head rotation relative to the camera, measured from the frontal orientation.
+        rel = self.frontal.T @ viewmats[:, :3, :3] @ head_poses[:, :3, :3]
+        poses = so3_log(rel)
+        centres_cam = transform_points(centres[:, None], viewmats)[:, 0]
+        cam_positions = -(centres_cam @ self.frontal)  # = -FRONTALᵀ c
+        # Camera centre relative to the head centre, in the head frame.
+        cam_world = torch.linalg.inv(viewmats)[:, :3, 3]
+        dirs = (head_poses[:, :3, :3].transpose(1, 2) @ (cam_world - centres).unsqueeze(-1))[..., 0]
+        return {"poses": poses, "cam_positions": cam_positions, "pose_shs": pose_sh(poses),
+                "view_dirs": dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)}
+
+    def conditioning_statistics(self, subject: Subject) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """``{key: (mean, std, delta_rms)}`` of θ, p, e, h over ``subject``'s training frames
+        (``delta_rms`` over pairs of consecutive training frames), for
+        :meth:`neuralcache.warp.ImplicitWarp.set_input_statistics`."""
+        track = self.track(subject)
+        ids = torch.as_tensor(np.asarray(subject.train_ids), dtype=torch.int64)
+        viewmats = torch.linalg.inv(torch.as_tensor(np.asarray(subject.camtoworlds)[ids.numpy()], dtype=torch.float64))
+        cond = self.conditioning(viewmats.float(), track["head_pose"][ids], track["head_centre"][ids])
+        cond["expressions"] = torch.as_tensor(np.asarray(subject.expressions)[ids.numpy()], dtype=torch.float32)
+        consecutive = (ids[1:] - ids[:-1]) == 1
+        stats = {}
+        for key in ("poses", "cam_positions", "expressions", "pose_shs"):
+            values = cond[key].double()
+            deltas = (values[1:] - values[:-1])[consecutive]
+            rms = deltas.square().mean(0).sqrt() if len(deltas) else torch.ones(values.shape[1], dtype=torch.float64)
+            stats[key] = (values.mean(0).float(), values.std(0, unbiased=False).float(), rms.float())
+        return stats
+
     def forward(self, batch: dict[str, Tensor]) -> FrameInputs:
         """Encode a batch (keys of :data:`headkit.data.FRAME_KEYS`, optional extras above)."""
         centres_cam, S = self.camera_transforms(batch)
@@ -329,20 +362,13 @@ class FrameEncoder(nn.Module):
             uvs, masks = batch["uv_map"], batch["uv_mask"]
         else:
             uvs, masks = self.uv_maps(batch)
-        # Head rotation relative to the camera, measured from the frontal orientation.
-        rel = self.frontal.T @ batch["viewmat"][:, :3, :3] @ batch["head_pose"][:, :3, :3]
-        poses = so3_log(rel)
-        cam_positions = -(centres_cam @ self.frontal)  # = -FRONTALᵀ c
-        # Camera centre relative to the head centre, in the head frame.
-        cam_world = torch.linalg.inv(batch["viewmat"])[:, :3, 3]
-        centres_world = transform_points(centres_cam[:, None], torch.linalg.inv(batch["viewmat"]))[:, 0]
-        dirs = (batch["head_pose"][:, :3, :3].transpose(1, 2) @ (cam_world - centres_world).unsqueeze(-1))[..., 0]
-        view_dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        centres = transform_points(centres_cam[:, None], torch.linalg.inv(batch["viewmat"]))[:, 0]
+        cond = self.conditioning(batch["viewmat"], batch["head_pose"], centres)
         images = batch.get("image")
         target_masks = batch["mask"][..., 0] if "mask" in batch else None
         identity = torch.eye(3, dtype=S.dtype, device=S.device)
         if images is not None and not torch.equal(S, identity.expand_as(S)):
             images = warp_images(images, S, self.background.to(images))
             target_masks = warp_images(target_masks.unsqueeze(-1), S)[..., 0]
-        params = FrameParams(poses, cam_positions, batch["expression"], pose_sh(poses), uvs, masks)
-        return FrameInputs(params, view_dirs, images, target_masks)
+        params = FrameParams(cond["poses"], cond["cam_positions"], batch["expression"], cond["pose_shs"], uvs, masks)
+        return FrameInputs(params, cond["view_dirs"], images, target_masks)

@@ -123,13 +123,18 @@ class NeuralCache(Method):
         evaluation: options of :func:`neuralcache.evaluate.evaluate_neural_cache`.
         cache_uv_maps: keep rasterized UV maps of seen frames in memory (training speed; the
             tracked meshes never change during training).
+        standardize_warp_inputs: standardise W's θ, p, e, h and their deltas with statistics
+            of the training frames (stored in W's buffers). The paper does not say; consecutive
+            deltas are ~30x smaller than the values and Δh multiplies features, so raw inputs
+            leave the warp nearly blind to motion.
     """
 
     def __init__(self, subject: Subject, variant: str = "ours", warp_distance: int = 1,
                  train_warp_distances: list[int] | None = None, texture: dict | None = None,
                  generator: dict | None = None, warp: dict | None = None,
                  explicit_warp: dict | None = None, inputs: dict | None = None, loss: dict | None = None,
-                 optim: dict | None = None, evaluation: dict | None = None, cache_uv_maps: bool = True) -> None:
+                 optim: dict | None = None, evaluation: dict | None = None, cache_uv_maps: bool = True,
+                 standardize_warp_inputs: bool = True) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"invalid config value model.variant={variant!r}; expected one of {sorted(VARIANTS)}")
@@ -171,6 +176,8 @@ class NeuralCache(Method):
         except TypeError as exc:  # an unknown key in the YAML
             key = "model.warp" if self.spec.warp == "implicit" else "model.explicit_warp"
             raise ValueError(f"{key}: {exc}") from exc
+        if self.warp is not None and standardize_warp_inputs:
+            self.warp.set_input_statistics(self.encoder.conditioning_statistics(subject))
         self.loss = NeuralCacheLoss(**(loss or {}))
         self._uv_memo: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self._tracks: dict[int, dict[str, Tensor]] = {}

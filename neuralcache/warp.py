@@ -105,7 +105,14 @@ class Cache:
 class _Conditioning(nn.Module):
     """Builds ``θ̄_{t+1}`` of eq. (2): the enabled inputs among (p, Δp, θ, Δθ, e, Δe, h) of the
     new frame, passed through the single-layer MLP M (Linear + LeakyReLU(0.2)), or used raw
-    when ``use_mlp`` is off (Table 3's "Use θ" row without "Use MLP")."""
+    when ``use_mlp`` is off (Table 3's "Use θ" row without "Use MLP").
+
+    Input standardisation (buffers, identity until :meth:`set_statistics` is called): values
+    become ``(x - mean) / std`` and differences ``Δx / delta_rms``, per component. Between
+    consecutive frames the differences are 1-2 orders of magnitude smaller than the values
+    (and ``Δh`` multiplies features in the SH skips), so without it the deltas that drive
+    the warp barely register next to the absolute values.
+    """
 
     def __init__(self, pose_dim: int, expr_dim: int, cam_dim: int, sh_dim: int, mlp_dim: int,
                  use_camera: bool, use_pose: bool, use_expression: bool, use_pose_sh: bool,
@@ -115,11 +122,33 @@ class _Conditioning(nn.Module):
                      "pose_shs": sh_dim}
         self.used = {"cam_positions": use_camera, "poses": use_pose, "expressions": use_expression,
                      "pose_shs": use_pose_sh}
+        for key, dim in self.dims.items():
+            self.register_buffer(f"mean_{key}", torch.zeros(dim))
+            self.register_buffer(f"std_{key}", torch.ones(dim))
+            self.register_buffer(f"delta_rms_{key}", torch.ones(dim))
         in_dim = sum(2 * self.dims[k] for k in ("cam_positions", "poses", "expressions") if self.used[k])
         in_dim += sh_dim if use_pose_sh else 0
         self.in_dim = in_dim
         self.mlp = nn.Sequential(nn.Linear(in_dim, mlp_dim), nn.LeakyReLU(0.2)) if use_mlp and in_dim else None
         self.out_dim = mlp_dim if self.mlp is not None else in_dim
+
+    def set_statistics(self, stats: dict[str, tuple[Tensor, Tensor, Tensor]], min_scale: float = 1e-4) -> None:
+        """Set ``{key: (mean [D], std [D], delta_rms [D])}`` (keys of ``FrameParams``'s
+        θ, p, e, h fields); scales are clamped to ``min_scale`` (constant inputs stay finite)."""
+        for key, (mean, std, delta_rms) in stats.items():
+            if key not in self.dims:
+                raise ValueError(f"unknown conditioning key {key!r}; expected one of {sorted(self.dims)}")
+            getattr(self, f"mean_{key}").copy_(torch.as_tensor(mean))
+            getattr(self, f"std_{key}").copy_(torch.as_tensor(std).clamp_min(min_scale))
+            getattr(self, f"delta_rms_{key}").copy_(torch.as_tensor(delta_rms).clamp_min(min_scale))
+
+    def delta(self, new: FrameParams, old: FrameParams, key: str) -> Tensor:
+        """Standardised ``new.key - old.key``, ``[B, D]``."""
+        return (getattr(new, key) - getattr(old, key)) / getattr(self, f"delta_rms_{key}")
+
+    def value(self, params: FrameParams, key: str) -> Tensor:
+        """Standardised ``params.key``, ``[B, D]``."""
+        return (getattr(params, key) - getattr(self, f"mean_{key}")) / getattr(self, f"std_{key}")
 
     def check(self, params: FrameParams, where: str) -> None:
         for key, dim in self.dims.items():
@@ -132,9 +161,9 @@ class _Conditioning(nn.Module):
         parts = []
         for key in ("cam_positions", "poses", "expressions"):
             if self.used[key]:
-                parts += [getattr(new, key), getattr(new, key) - getattr(old, key)]
+                parts += [self.value(new, key), self.delta(new, old, key)]
         if self.used["pose_shs"]:
-            parts.append(new.pose_shs)
+            parts.append(self.value(new, "pose_shs"))
         if not parts:
             return None
         vec = torch.cat(parts, dim=1)
@@ -271,6 +300,11 @@ class ImplicitWarp(nn.Module):
         self.w2 = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                                 nn.Conv2d(w2_in, out_channels, 3, padding=1), act)
 
+    def set_input_statistics(self, stats: dict[str, tuple[Tensor, Tensor, Tensor]]) -> None:
+        """Standardise θ, p, e, h and their deltas (also the Δh of the SH skips) with training
+        statistics ``{key: (mean, std, delta_rms)}``; see ``_Conditioning``. Stored as buffers."""
+        self.cond.set_statistics(stats)
+
     def reset_parameters(self) -> None:
         """Re-initialise M, W1 and W2 (torch defaults)."""
         for m in self.modules():
@@ -290,7 +324,7 @@ class ImplicitWarp(nn.Module):
         """``{"images": [B, H, W, 3]}``: frame ``t+1`` (``params``) rendered from ``cache``."""
         size = _check_inputs(cache, params, self.cond, self.cached_layers, self.channels)
         up_size = (2 * size[0], 2 * size[1])
-        dhs = params.pose_shs - cache.params.pose_shs
+        dhs = self.cond.delta(params, cache.params, "pose_shs")
         x = [cache.features[3]]
         if 4 in self.cached_layers:
             x.append(self._modulate(cache.features[4], dhs))
@@ -333,6 +367,10 @@ class ExplicitWarp(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(cin, hidden_channels, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(hidden_channels, 2, 3, padding=1))
         self.reset_parameters()
+
+    def set_input_statistics(self, stats: dict[str, tuple[Tensor, Tensor, Tensor]]) -> None:
+        """As :meth:`ImplicitWarp.set_input_statistics`."""
+        self.cond.set_statistics(stats)
 
     def reset_parameters(self) -> None:
         """Default init everywhere, then a zero last layer (identity warp)."""

@@ -209,6 +209,21 @@ def test_warp_output_shape_and_it_uses_the_deltas(subject):
         assert not torch.allclose(model.warp_frame(cache, moved), out), "W ignores ΔU"
 
 
+def test_warp_inputs_are_standardised_with_training_statistics(subject):
+    model = _model(subject)
+    stats = model.encoder.conditioning_statistics(subject)
+    expr = subject.expressions[subject.train_ids].astype(np.float64)
+    np.testing.assert_allclose(stats["expressions"][0].numpy(), expr.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["expressions"][2].numpy(), np.sqrt((np.diff(expr, axis=0) ** 2).mean(0)),
+                               rtol=1e-5, atol=1e-6)
+    cond = model.warp.cond
+    torch.testing.assert_close(cond.delta_rms_pose_shs, stats["pose_shs"][2].clamp_min(1e-4))
+    assert (cond.delta_rms_poses < cond.std_poses).all()  # consecutive deltas are small
+    plain = _model(subject, standardize_warp_inputs=False).warp.cond
+    assert torch.equal(plain.std_poses, torch.ones(3)) and torch.equal(plain.delta_rms_expressions, torch.ones(10))
+    assert "warp.cond.delta_rms_poses" in model.state_dict()  # stored with the checkpoint
+
+
 def test_appended_skip_modulation_keeps_the_skips_whole(subject):
     replace = _model(subject, warp={"mlp_dim": 4}).warp
     append = _model(subject, warp={"mlp_dim": 4, "skip_modulation": "append"}).warp
