@@ -87,8 +87,9 @@ def line_plot_svg(path: str | os.PathLike, xs: Sequence[float], series: dict[str
             out.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3.5" fill="{colour}"/>')
             if label_points:
                 out.append(f'<text x="{a:.1f}" y="{b - 8:.1f}" text-anchor="middle" fill="{colour}">{_fmt(float(y))}</text>')
-        out.append(f'<rect x="{left + 10}" y="{top + 10 + 18 * i}" width="12" height="3" fill="{colour}"/>'
-                   f'<text x="{left + 28}" y="{top + 15 + 18 * i}">{escape(name)}</text>')
+        lx = left + pw - 10 - 7 * max(len(n) for n in series) - 18  # legend in the top-right corner
+        out.append(f'<rect x="{lx}" y="{top + 10 + 18 * i}" width="12" height="3" fill="{colour}"/>'
+                   f'<text x="{lx + 18}" y="{top + 15 + 18 * i}">{escape(name)}</text>')
     out.append("</svg>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

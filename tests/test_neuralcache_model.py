@@ -303,7 +303,8 @@ def test_config_errors_name_the_key(subject):
 
 
 def test_line_plot_svg_holds_the_data(tmp_path):
-    assert nice_ticks(0.0, 1.0) == [0.0, 0.25, 0.5, 0.75, 1.0] or nice_ticks(0.0, 1.0)[-1] >= 1.0
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.5, 1.0]  # steps of 1, 2 or 5 x 10^n covering the range
+    assert nice_ticks(23.9, 27.06) == [23.0, 24.0, 25.0, 26.0, 27.0, 28.0]
     path = line_plot_svg(tmp_path / "p.svg", [1, 2, 3], {"PSNR": [30.5, 29.25, 28.0]}, title="t")
     text = path.read_text()
     assert text.startswith("<svg") and "30.5" in text and "29.25" in text and text.count("<circle") == 3
