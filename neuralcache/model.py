@@ -176,11 +176,13 @@ class NeuralCache(Method):
         except TypeError as exc:  # an unknown key in the YAML
             key = "model.warp" if self.spec.warp == "implicit" else "model.explicit_warp"
             raise ValueError(f"{key}: {exc}") from exc
-        if self.warp is not None and standardize_warp_inputs:
-            self.warp.set_input_statistics(self.encoder.conditioning_statistics(subject))
         self.loss = NeuralCacheLoss(**(loss or {}))
         self._uv_memo: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self._tracks: dict[int, dict[str, Tensor]] = {}
+        if self.warp is not None and standardize_warp_inputs:
+            stats = self.encoder.conditioning_statistics(subject)
+            stats["uvs"] = (torch.zeros(2), torch.ones(2), self.uv_delta_rms(subject))
+            self.warp.set_input_statistics(stats)
 
     # ------------------------------------------------------------------ data
     def track(self, subject: Subject) -> dict[str, Tensor]:
@@ -233,6 +235,26 @@ class NeuralCache(Method):
         batch.update({f"prev_{k}": v for k, v in self.frame_batch(dataset, targets - d, device).items()})
         batch["warp_distance"] = torch.full((batch_size,), d, device=device)
         return batch
+
+    @torch.no_grad()
+    def uv_delta_rms(self, subject: Subject, max_pairs: int = 64) -> Tensor:
+        """RMS ``[2]`` of ``U_{t+1} - U_t`` over pixels the face covers in both frames, for up to
+        ``max_pairs`` evenly spaced pairs of consecutive training frames (ones if none)."""
+        dataset = FrameDataset(subject, "train")
+        ids = dataset.frame_ids
+        starts = np.flatnonzero(ids[1:] - ids[:-1] == 1)
+        if starts.size == 0:
+            return torch.ones(2)
+        starts = starts[np.linspace(0, starts.size - 1, min(max_pairs, starts.size)).round().astype(int)]
+        total, count = torch.zeros(2, dtype=torch.float64), 0
+        for i in np.unique(starts):
+            b = self.frame_batch(dataset, [int(i), int(i) + 1], "cpu")
+            uvs, masks = (b["uv_map"], b["uv_mask"]) if "uv_map" in b else self.encoder.uv_maps(b)
+            both = masks[0].bool() & masks[1].bool()
+            d = (uvs[1] - uvs[0])[both].double()
+            total += d.square().sum(0)
+            count += d.shape[0]
+        return (total / count).sqrt().float() if count else torch.ones(2)
 
     # ------------------------------------------------------------------ networks
     def sample_texture(self, inputs: FrameInputs) -> Tensor:

@@ -126,6 +126,7 @@ class _Conditioning(nn.Module):
             self.register_buffer(f"mean_{key}", torch.zeros(dim))
             self.register_buffer(f"std_{key}", torch.ones(dim))
             self.register_buffer(f"delta_rms_{key}", torch.ones(dim))
+        self.register_buffer("uv_delta_scale", torch.ones(2))  # 1 / rms of the interior ΔU
         in_dim = sum(2 * self.dims[k] for k in ("cam_positions", "poses", "expressions") if self.used[k])
         in_dim += sh_dim if use_pose_sh else 0
         self.in_dim = in_dim
@@ -134,8 +135,12 @@ class _Conditioning(nn.Module):
 
     def set_statistics(self, stats: dict[str, tuple[Tensor, Tensor, Tensor]], min_scale: float = 1e-4) -> None:
         """Set ``{key: (mean [D], std [D], delta_rms [D])}`` (keys of ``FrameParams``'s
-        θ, p, e, h fields); scales are clamped to ``min_scale`` (constant inputs stay finite)."""
+        θ, p, e, h fields, and ``"uvs"``, whose ``delta_rms [2]`` sets the ΔU scale of
+        :func:`_delta_uvs`); scales are clamped to ``min_scale`` (constant inputs stay finite)."""
         for key, (mean, std, delta_rms) in stats.items():
+            if key == "uvs":
+                self.uv_delta_scale.copy_(1.0 / torch.as_tensor(delta_rms).clamp_min(min_scale))
+                continue
             if key not in self.dims:
                 raise ValueError(f"unknown conditioning key {key!r}; expected one of {sorted(self.dims)}")
             getattr(self, f"mean_{key}").copy_(torch.as_tensor(mean))
@@ -174,13 +179,22 @@ _DIM_ARGS = {"cam_positions": "cam_dim", "poses": "pose_dim", "expressions": "ex
              "pose_shs": "sh_dim"}
 
 
-def _delta_uvs(cache: Cache, params: FrameParams, size: tuple[int, int]) -> Tensor:
-    """ΔU_{t+1} = U_{t+1} - U_t (background zeroed first, so a pixel that changes between
-    face and background gets a large difference), area-averaged to ``size``.
-    Returns ``[B, 2, *size]``."""
-    new = params.uvs * params.masks.to(params.uvs.dtype).unsqueeze(-1)
-    old = cache.params.uvs * cache.params.masks.to(cache.params.uvs.dtype).unsqueeze(-1)
-    return F.interpolate((new - old).permute(0, 3, 1, 2), size=size, mode="area")
+def _delta_uvs(cache: Cache, params: FrameParams, size: tuple[int, int], scale: Tensor) -> Tensor:
+    """ΔU_{t+1}, area-averaged to ``size``: ``[B, 3, *size]``.
+
+    Channels 0-1: ``(U_{t+1} - U_t) * scale`` where the face covers the pixel in both frames
+    (zero elsewhere); channel 2: the change of coverage ``mask_{t+1} - mask_t`` (-1, 0, 1).
+    Between consecutive frames UVs move by ~1e-3 (a fraction of a pixel) while the cached
+    features are O(1); ``scale`` (``1 / rms`` of the interior ΔU over consecutive training
+    frames, see :meth:`ImplicitWarp.set_input_statistics`) brings the motion cue to unit size.
+    Keeping coverage changes apart stops the few silhouette pixels, whose "UV change" is a
+    whole UV coordinate, from swamping it.
+    """
+    new_m, old_m = params.masks.to(params.uvs.dtype), cache.params.masks.to(params.uvs.dtype)
+    both = (new_m * old_m).unsqueeze(-1)
+    duv = (params.uvs - cache.params.uvs) * both * scale.to(params.uvs.dtype)
+    x = torch.cat([duv, (new_m - old_m).unsqueeze(-1)], dim=-1).permute(0, 3, 1, 2)
+    return F.interpolate(x, size=size, mode="area")
 
 
 def _check_inputs(cache: Cache, params: FrameParams, cond: _Conditioning, layers: Sequence[int],
@@ -288,7 +302,7 @@ class ImplicitWarp(nn.Module):
         self.cond = _Conditioning(pose_dim, expr_dim, cam_dim, sh_dim, mlp_dim, use_camera, use_pose,
                                   use_expression, use_pose_sh, use_mlp)
         hidden = hidden_channels or max(1, self.channels[5] // 2)
-        w1_in = self.channels[3] + self.cond.out_dim + (2 if use_uv else 0)
+        w1_in = self.channels[3] + self.cond.out_dim + (3 if use_uv else 0)
         w1_in += self.channels[4] + extra if 4 in layers else 0
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         self.w1 = nn.Sequential(nn.Conv2d(w1_in, hidden, 3, padding=1), make_norm(norm, hidden),
@@ -330,7 +344,7 @@ class ImplicitWarp(nn.Module):
             x.append(self._modulate(cache.features[4], dhs))
         x = [self.up(torch.cat(x, dim=1))] + _broadcast(self.cond(params, cache.params), up_size)
         if self.use_uv:
-            x.append(_delta_uvs(cache, params, up_size))
+            x.append(_delta_uvs(cache, params, up_size, self.cond.uv_delta_scale))
         f1 = self.w1(torch.cat(x, dim=1))
         if 5 in self.cached_layers:
             f1 = torch.cat([f1, self._modulate(cache.features[5], dhs)], dim=1)
@@ -363,7 +377,7 @@ class ExplicitWarp(nn.Module):
         self.use_uv = use_uv
         self.cond = _Conditioning(pose_dim, expr_dim, cam_dim, sh_dim, mlp_dim, use_camera, use_pose,
                                   use_expression, use_pose_sh, use_mlp)
-        cin = c3_channels + self.cond.out_dim + (2 if use_uv else 0)
+        cin = c3_channels + self.cond.out_dim + (3 if use_uv else 0)
         self.head = nn.Sequential(nn.Conv2d(cin, hidden_channels, 3, padding=1), nn.ReLU(inplace=True),
                                   nn.Conv2d(hidden_channels, 2, 3, padding=1))
         self.reset_parameters()
@@ -390,7 +404,7 @@ class ExplicitWarp(nn.Module):
             raise ValueError(f"cache.images must be [{B}, {H}, {W}, C], got {tuple(cache.images.shape)}")
         x = [cache.features[3]] + _broadcast(self.cond(params, cache.params), size)
         if self.use_uv:
-            x.append(_delta_uvs(cache, params, size))
+            x.append(_delta_uvs(cache, params, size, self.cond.uv_delta_scale))
         flows = F.interpolate(self.head(torch.cat(x, dim=1)), size=(H, W), mode="bilinear",
                               align_corners=False).permute(0, 2, 3, 1)  # [B, H, W, 2]
         # Pixel-centre grid in grid_sample's normalised coordinates (align_corners=False).

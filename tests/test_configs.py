@@ -54,3 +54,14 @@ def test_default_is_the_synthetic_subject_experiment_and_ablations_set_their_nam
 def test_typo_in_override_is_a_struct_error_naming_the_key():
     with pytest.raises(ConfigCompositionException, match="trainer.max_stpes"):
         _compose("train", ["trainer.max_stpes=3"])
+
+
+@pytest.mark.parametrize("name", ["train", "fit_3dgs"])  # eval/prepare_data write no Hydra folder
+def test_hydra_run_folder_is_run_dir_when_given(name, tmp_path):
+    import headkit.engine.rundir  # noqa: F401  registers ${first_set:...}
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        dated = compose(name, overrides=[], return_hydra_config=True)
+        assert f"/{name}/" in dated.hydra.run.dir and dated.hydra.run.dir[-19:-9].count("-") == 2
+        if "run_dir" in dated:
+            given = compose(name, overrides=[f"run_dir={tmp_path}"], return_hydra_config=True)
+            assert given.hydra.run.dir == str(tmp_path)  # no second, near-empty dated folder

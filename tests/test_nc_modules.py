@@ -256,21 +256,26 @@ def test_warp_mlp_input_is_eq2_in_order():
 
 def test_warp_w1_input_holds_broadcast_theta_bar_and_area_delta_uv():
     W = _warp()
+    zeros, ones = torch.zeros(2), torch.ones(2)
+    W.set_input_statistics({"uvs": (zeros, ones, torch.tensor([0.5, 0.25]))})  # ΔU scale (2, 4)
     cache, new = _cache(), _params(seed=8)
     seen = []
     W.w1[0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
     W(cache, new)
-    x = seen[0]  # [B, 16 + 16 + 6 + 2, 8, 8]
-    assert x.shape == (2, 40, 8, 8)
+    x = seen[0]  # [B, 16 + 16 + 6 + 3, 8, 8]
+    assert x.shape == (2, 41, 8, 8)
     old = cache.params
     m_in = torch.cat([new.cam_positions, new.cam_positions - old.cam_positions, new.poses,
                       new.poses - old.poses, new.expressions, new.expressions - old.expressions,
                       new.pose_shs], 1)
     theta_bar = F.leaky_relu(W.cond.mlp[0](m_in), 0.2)
     torch.testing.assert_close(x[:, 32:38], theta_bar[:, :, None, None].expand(-1, -1, 8, 8))
-    d = (new.uvs * new.masks[..., None] - cache.params.uvs * cache.params.masks[..., None]).numpy()
-    ref = d.reshape(2, 8, 2, 8, 2, 2).mean(axis=(2, 4)).transpose(0, 3, 1, 2)  # 2x2 block means
-    np.testing.assert_allclose(x[:, 38:].detach().numpy(), ref, atol=1e-6)
+    both = (new.masks * old.masks)[..., None].numpy()
+    duv = (new.uvs - old.uvs).numpy() * both * np.array([2.0, 4.0])  # interior change, scaled
+    cover = (new.masks - old.masks)[..., None].numpy()  # coverage change
+    d = np.concatenate([duv, cover], axis=-1)
+    ref = d.reshape(2, 8, 2, 8, 2, 3).mean(axis=(2, 4)).transpose(0, 3, 1, 2)  # 2x2 block means
+    np.testing.assert_allclose(x[:, 38:].detach().numpy(), ref, atol=1e-5)
 
 
 def test_warp_sh_modulation_of_skips():
@@ -309,9 +314,9 @@ def test_warp_cached_layers_and_no_mlp():
     cache, new = _cache(), _params(seed=12)
     W = _warp(cached_layers=(3,))
     W(cache.select([3]), new)  # C4 and C5 are not needed
-    assert W.w1[0].in_channels == 16 + 6 + 2 and W.w2[1].in_channels == 6
+    assert W.w1[0].in_channels == 16 + 6 + 3 and W.w2[1].in_channels == 6
     W = _warp(cached_layers=(3, 4), use_mlp=False)
-    assert W.cond.mlp is None and W.w1[0].in_channels == 16 + 16 + (2 * 3 + 2 * 6 + 2 * 5 + 9) + 2
+    assert W.cond.mlp is None and W.w1[0].in_channels == 16 + 16 + (2 * 3 + 2 * 6 + 2 * 5 + 9) + 3
     with pytest.raises(ValueError, match=r"lacks layers \[4\]"):
         W(cache.select([3]), new)
     with pytest.raises(ValueError, match="subset of"):
@@ -374,9 +379,9 @@ def test_count_flops_analytic_and_warp_is_light():
     assert count_flops(torch.nn.Conv2d(2, 3, 3, padding=1), torch.randn(1, 2, 4, 4)) == 2 * 16 * 2 * 3 * 9
     W = _warp()
     cache, new = _cache(), _params(seed=19)
-    # M: 2*B*in*out; W1 at 8x8: (16+16+6+2) -> 12/2; W2 at 16x16: (6+12) -> 3 (3x3 kernels).
+    # M: 2*B*in*out; W1 at 8x8: (16+16+6+3) -> 12/2; W2 at 16x16: (6+12) -> 3 (3x3 kernels).
     m_in = 2 * 3 + 2 * 6 + 2 * 5 + 9
-    expected = 2 * 2 * m_in * 6 + 2 * 2 * 64 * 40 * 6 * 9 + 2 * 2 * 256 * 18 * 3 * 9
+    expected = 2 * 2 * m_in * 6 + 2 * 2 * 64 * 41 * 6 * 9 + 2 * 2 * 256 * 18 * 3 * 9
     assert count_flops(W, cache, new) == expected
     # With the default widths the warp costs under a third of the generator (paper: 87/364).
     G = DNRPlus()

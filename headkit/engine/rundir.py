@@ -24,6 +24,16 @@ CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.json"
 
 
+def _first_set(*values):
+    """``${first_set:a,b,...}``: the first value that is not None (configs/hydra/default.yaml
+    uses it to put Hydra's own folder at ``run_dir`` when one is given)."""
+    return next((v for v in values if v is not None), None)
+
+
+if not OmegaConf.has_resolver("first_set"):
+    OmegaConf.register_new_resolver("first_set", _first_set)
+
+
 def _run_entries(path: Path) -> list[Path]:
     """Entries of ``path`` that belong to a run (everything but Hydra's bookkeeping)."""
     if not path.is_dir():
