@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from headkit.engine.evaluate import format_table
+from headkit.engine.evaluate import format_report
 from headkit.engine.runs import evaluate_run, find_latest_run
 
 COLUMNS = ["config_name", "psnr", "ssim", "l2", "lpips", "time_per_frame_ms", "fps", "model_size_mb",
@@ -15,12 +15,7 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point: evaluate ``run`` (or the newest run) and print a table."""
     run_dir = cfg.run or find_latest_run(f"{cfg.paths.output_dir}/train")
     metrics = evaluate_run(run_dir, device=cfg.device, eval_cfg=cfg.eval)
-    print(format_table([metrics], COLUMNS))
-    for name, table in (metrics.get("tables") or {}).items():  # method-specific tables, e.g. Table 1
-        print(f"\n{table.get('title', name)}")
-        print(format_table(table["rows"], table["columns"]))
-    if metrics.get("lpips") is None:
-        print(f"LPIPS unavailable: {metrics.get('lpips_unavailable_reason')}")
+    print(format_report(metrics, COLUMNS))  # + method tables, e.g. the neural cache's Table 1
     print(f"metrics written to {run_dir}/metrics.json")
 
 

@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from headkit.engine.evaluate import format_table
+from headkit.engine.evaluate import format_report
 from headkit.engine.trainer import MissingConfigValue, train
 
 COLUMNS = ["psnr", "ssim", "l2", "lpips", "time_per_frame_ms", "fps", "model_size_mb", "device"]
@@ -18,9 +18,7 @@ def main(cfg: DictConfig) -> float:
         metrics = train(cfg)
     except MissingConfigValue as exc:  # e.g. experiment=insta_subject without data.root
         sys.exit(f"error: {exc}")
-    print(format_table([metrics], COLUMNS))
-    if metrics.get("lpips") is None and metrics.get("lpips_unavailable_reason"):
-        print(f"LPIPS unavailable: {metrics['lpips_unavailable_reason']}")
+    print(format_report(metrics, COLUMNS))  # + method tables, e.g. the neural cache's Table 1
     print(f"run folder: {metrics['run_dir']}")
     return float(metrics["psnr"])
 

@@ -136,3 +136,15 @@ def test_missing_mandatory_value_is_one_clear_line(tmp_path):
     cfg.data.root = "???"
     with pytest.raises(MissingConfigValue, match=r"data\.root.*data\.root=\.\.\."):
         train(cfg)
+
+
+def test_format_report_prints_method_tables_and_lpips_reason():
+    from headkit.engine.evaluate import format_report
+    metrics = {"psnr": 27.5, "lpips": None, "lpips_unavailable_reason": "no AlexNet weights",
+               "tables": {"table1": {"title": "Table 1", "columns": ["model", "psnr"],
+                                     "rows": [{"model": "DNR+", "psnr": 27.45}, {"model": "Ours", "psnr": 27.3}]}}}
+    text = format_report(metrics, ["psnr", "lpips"])
+    lines = text.splitlines()
+    assert lines[2].split() == ["27.50", "n/a"]
+    assert "Table 1" in lines and any(l.split() == ["Ours", "27.30"] for l in lines)
+    assert lines[-1] == "LPIPS unavailable: no AlexNet weights"

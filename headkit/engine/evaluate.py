@@ -111,3 +111,15 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def format_report(metrics: dict[str, Any], columns: list[str]) -> str:
+    """What the train and eval scripts print for a run: the one-row summary of ``columns``,
+    each method-specific table of ``metrics["tables"]`` (e.g. the neural cache's Table 1),
+    and why LPIPS is missing when it is."""
+    parts = [format_table([metrics], columns)]
+    for name, table in (metrics.get("tables") or {}).items():
+        parts.append(f"\n{table.get('title', name)}\n{format_table(table['rows'], table['columns'])}")
+    if metrics.get("lpips") is None and metrics.get("lpips_unavailable_reason"):
+        parts.append(f"LPIPS unavailable: {metrics['lpips_unavailable_reason']}")
+    return "\n".join(parts)
