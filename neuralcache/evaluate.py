@@ -44,16 +44,19 @@ from headkit.engine.logging import progress
 from headkit.metrics import MetricUnavailable, l2, lpips, model_size_mb, psnr, ssim, time_fn
 from headkit.plot import line_plot_svg
 from neuralcache.scheduler import ParallelRenderer, SequentialRenderer
-from neuralcache.warp import count_flops
+from neuralcache.warp import ImplicitWarp, count_flops
 
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate_neural_cache", "TABLE1_COLUMNS", "score", "build_stream", "run_mode", "network_latencies",
-           "network_flops"]
+           "network_flops", "warp_ablation_row"]
 
 TABLE1_COLUMNS = ["model", "workers", "l1", "psnr", "ssim", "latency_ms", "fps", "stream_ms", "distances"]
 ONLINE_COLUMNS = ["model", "rate", "l1", "psnr", "ssim", "frames", "distances"]
 DISTANCE_COLUMNS = ["model", "distance", "l1", "psnr", "ssim"]
+#: Tables 3 and 4: which inputs and cached layers the implicit warp used, and its 1x-warp scores
+WARP_ABLATION_COLUMNS = ["concat_uv", "use_pose", "use_camera", "use_mlp", "sh_pose", "sh_skips", "exp",
+                         "cached", "l1", "psnr", "ssim", "latency_ms", "rel_latency"]
 #: the paper's row order of Table 1 (rows carry ``order`` for scripts/neuralcache_table.py)
 ROW_ORDER = {"dnr": 0, "dnr_plus": 1, "dnr_plus_plus": 3, "explicit_warp": 4, "ours": 5}
 
@@ -255,6 +258,10 @@ def evaluate_neural_cache(model, dataset: FrameDataset, run_dir: str | Path, *, 
                     "device": dev + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")})
     tables = {"table1": {"title": f"Table 1 (offline, {dataset.subject.name} test frames)",
                          "columns": TABLE1_COLUMNS, "rows": rows}}
+    if isinstance(model.warp, ImplicitWarp):
+        tables["warp_ablation"] = {"title": "Warp inputs and cached layers (Tables 3-4; 1x warp, 1 worker)",
+                                   "columns": WARP_ABLATION_COLUMNS,
+                                   "rows": [warp_ablation_row(model.warp, score(primary, targets), latency)]}
     if model.warp is not None and ablation_distances:
         drows = _warp_distance_ablation(model, frames, scored, targets, list(ablation_distances), dev)
         tables["warp_distance"] = {"title": "Warp distance ablation (every test frame warped d frames ahead)",
@@ -272,6 +279,19 @@ def evaluate_neural_cache(model, dataset: FrameDataset, run_dir: str | Path, *, 
     metrics["tables"] = tables
     _save_renders(run_dir, dataset, primary, targets, save_images, save_video, metrics)
     return metrics
+
+
+def warp_ablation_row(warp: ImplicitWarp, scores: dict[str, float], latency: dict[str, float]) -> dict[str, Any]:
+    """One row of the Table-3/4 ablation: the warp's input switches (``x`` = on, as the paper
+    ticks them), its cached layers, its scores and latency (absolute and relative to G)."""
+    used = warp.cond.used
+    tick = lambda on: "x" if on else ""  # noqa: E731
+    flags = {"concat_uv": warp.use_uv, "use_pose": used["poses"], "use_camera": used["cam_positions"],
+             "use_mlp": warp.cond.mlp is not None, "sh_pose": used["pose_shs"], "sh_skips": warp.modulate_skips,
+             "exp": used["expressions"]}
+    return {**{k: tick(v) for k, v in flags.items()}, "cached": "C" + ",".join(map(str, warp.cached_layers)),
+            **scores, "latency_ms": latency["warp"], "rel_latency": latency["warp"] / latency["generator"],
+            "order": sum(flags.values()) * 10 + len(warp.cached_layers)}
 
 
 def _online_rows(model, frames, scored, targets, device, fps, label) -> list[dict]:

@@ -16,7 +16,7 @@
   FLAME vertices rather than its joint angles, which would leave the training range).
 
 Frames go through the method's ``render_sequence`` (neural caching: cache + warp as deployed).
-Writes ``retarget.mp4`` (source | rendering) and ``novel_views.mp4`` (rendering | test frame)
+Writes ``retarget.mp4`` (rendering | source frame) and ``novel_views.mp4`` (rendering | unturned test frame)
 into ``--out`` (default ``RUN_DIR/renders``).
 """
 

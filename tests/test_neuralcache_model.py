@@ -283,7 +283,22 @@ def test_ours_table_rows_online_rows_and_warp_distance_plot(subject, tmp_path):
     assert [r["rate"] for r in metrics["tables"]["online"]["rows"]] == ["15 fps", "30 fps"]
     assert metrics["flops_warp"] < metrics["flops_generator"] and metrics["latency_warp_ms"] > 0
     assert "PSNR vs warp distance" in (tmp_path / "warp_distance.svg").read_text()
+    (ablation,) = metrics["tables"]["warp_ablation"]["rows"]  # Tables 3-4: the full model's row
+    assert [ablation[k] for k in ("concat_uv", "use_pose", "sh_skips", "exp", "cached")] == ["x", "x", "x", "x", "C3,4,5"]
+    assert ablation["psnr"] == pytest.approx(rows[0]["psnr"], abs=1e-5)
+    assert ablation["rel_latency"] == pytest.approx(metrics["warp_to_generator_latency"])
     json.dumps(metrics)  # metrics.json-ready
+
+
+def test_warp_ablation_row_ticks_the_switches():
+    from neuralcache.evaluate import warp_ablation_row
+    from neuralcache.warp import ImplicitWarp
+    warp = ImplicitWarp(feature_channels=(16, 16, 12), expr_dim=5, use_uv=False, use_mlp=False,
+                        modulate_skips=False, cached_layers=(3, 4))
+    row = warp_ablation_row(warp, {"psnr": 25.0}, {"warp": 2.0, "generator": 8.0})
+    assert [row[k] for k in ("concat_uv", "use_pose", "use_camera", "use_mlp", "sh_pose", "sh_skips", "exp")] == [
+        "", "x", "x", "", "x", "", "x"]
+    assert row["cached"] == "C3,4" and row["rel_latency"] == 0.25 and row["psnr"] == 25.0
 
 
 def test_config_errors_name_the_key(subject):
