@@ -393,3 +393,24 @@ def test_table_script_merges_runs_in_paper_order(tmp_path):
     assert unfinished == [str(tmp_path / "2")]
     assert table.main([str(tmp_path)]) == 0
     assert "| DNR+ (naive) | 1 | 25.00 |" in (tmp_path / "neuralcache_tables.md").read_text()
+
+
+def test_warp_delta_uv_scale_is_inverse_rms_of_consecutive_training_frames(subject):
+    model = _model(subject, cache_uv_maps=False)
+    train = FrameDataset(subject, "train")
+    ids = train.frame_ids
+    pairs = [i for i in range(len(ids) - 1) if ids[i + 1] - ids[i] == 1]
+    sq, n = torch.zeros(2, dtype=torch.float64), 0
+    for i in pairs:  # every pair: the fixture has fewer than max_pairs
+        b = train.batch([i, i + 1], "cpu")
+        b["head_pose"] = model.track(subject)["head_pose"][torch.as_tensor(ids[[i, i + 1]])]
+        b["head_centre"] = model.track(subject)["head_centre"][torch.as_tensor(ids[[i, i + 1]])]
+        uvs, masks = model.encoder.uv_maps(b)
+        both = masks[0].bool() & masks[1].bool()
+        d = (uvs[1] - uvs[0])[both].double()
+        sq, n = sq + d.square().sum(0), n + d.shape[0]
+    expected = 1.0 / (sq / n).sqrt().float()
+    torch.testing.assert_close(model.warp.cond.uv_delta_scale, expected, rtol=1e-4, atol=0)
+    assert (expected > 10).all()  # UVs move by a small fraction of their range per frame
+    raw = _model(subject, standardize_warp_inputs=False)
+    assert torch.equal(raw.warp.cond.uv_delta_scale, torch.ones(2))
