@@ -270,6 +270,11 @@ class ImplicitWarp(nn.Module):
             convolution at ``H/2`` is W's largest cost, and halving it brings W to about 0.3x
             G's CPU time with the paper-sized generator (0.40-0.47x at full width).
         skip_modulation: ``"replace"`` (multiply the 9 channels in place) or ``"append"``.
+        uv_modulation: not in the paper (0 = off, the paper's W). ``m > 0`` appends to W1's
+            input the first ``m`` channels of the upsampled C3 multiplied by each component of
+            the standardised ΔU: ``C3[:m] ΔU_u, C3[:m] ΔU_v`` (+2m channels). It is the per-pixel
+            analogue of the SH skips' ``C Δh``: a first-order term ``F(x - v) ≈ F(x) - v·∇F``
+            that a two-layer W cannot easily form from a concatenated ΔU alone.
         norm: norm after W1 (see :func:`neuralcache.generators.make_norm`).
         out_activation: ``"sigmoid"`` or ``"none"``, as G's.
     """
@@ -279,6 +284,7 @@ class ImplicitWarp(nn.Module):
                  hidden_channels: int | None = None, use_camera: bool = True, use_pose: bool = True,
                  use_expression: bool = True, use_pose_sh: bool = True, use_uv: bool = True,
                  use_mlp: bool = True, modulate_skips: bool = True, skip_modulation: str = "replace",
+                 uv_modulation: int = 0,
                  cached_layers: Sequence[int] = (3, 4, 5), sh_channel_start: int = 0,
                  norm: str = "instance", out_channels: int = 3, out_activation: str = "sigmoid") -> None:
         super().__init__()
@@ -297,12 +303,16 @@ class ImplicitWarp(nn.Module):
             raise ValueError(f"unknown skip_modulation {skip_modulation!r}; expected 'replace' or 'append'")
         self.cached_layers, self.use_uv, self.modulate_skips = layers, use_uv, modulate_skips
         self.skip_modulation = skip_modulation
+        if not 0 <= int(uv_modulation) <= self.channels[3] or (uv_modulation and not use_uv):
+            raise ValueError(f"uv_modulation must be in 0..C3={self.channels[3]} and needs use_uv, "
+                             f"got {uv_modulation} (use_uv={use_uv})")
+        self.uv_modulation = int(uv_modulation)
         extra = sh_dim if modulate_skips and skip_modulation == "append" else 0
         self.sh_channel_start, self.sh_dim = sh_channel_start, sh_dim
         self.cond = _Conditioning(pose_dim, expr_dim, cam_dim, sh_dim, mlp_dim, use_camera, use_pose,
                                   use_expression, use_pose_sh, use_mlp)
         hidden = hidden_channels or max(1, self.channels[5] // 2)
-        w1_in = self.channels[3] + self.cond.out_dim + (3 if use_uv else 0)
+        w1_in = self.channels[3] + self.cond.out_dim + (3 if use_uv else 0) + 2 * self.uv_modulation
         w1_in += self.channels[4] + extra if 4 in layers else 0
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         self.w1 = nn.Sequential(nn.Conv2d(w1_in, hidden, 3, padding=1), make_norm(norm, hidden),
@@ -344,7 +354,11 @@ class ImplicitWarp(nn.Module):
             x.append(self._modulate(cache.features[4], dhs))
         x = [self.up(torch.cat(x, dim=1))] + _broadcast(self.cond(params, cache.params), up_size)
         if self.use_uv:
-            x.append(_delta_uvs(cache, params, up_size, self.cond.uv_delta_scale))
+            duv = _delta_uvs(cache, params, up_size, self.cond.uv_delta_scale)  # [B, 3, h, w]
+            x.append(duv)
+            if self.uv_modulation:  # C3[:m] ΔU_u, C3[:m] ΔU_v (x[0] starts with the upsampled C3)
+                c3 = x[0][:, :self.uv_modulation]
+                x += [c3 * duv[:, :1], c3 * duv[:, 1:2]]
         f1 = self.w1(torch.cat(x, dim=1))
         if 5 in self.cached_layers:
             f1 = torch.cat([f1, self._modulate(cache.features[5], dhs)], dim=1)

@@ -391,3 +391,18 @@ def test_count_flops_analytic_and_warp_is_light():
     cache = Cache(out["features"], _params(1, 64, 64, expr_dim=50))
     ratio = count_flops(Wd, cache, _params(1, 64, 64, expr_dim=50, seed=1)) / count_flops(G, x)
     assert 0.1 < ratio < 1 / 3
+
+
+def test_warp_uv_modulation_multiplies_c3_by_the_delta_uv():
+    W = _warp(uv_modulation=4)
+    cache, new = _cache(), _params(seed=21)
+    seen = []
+    W.w1[0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    W(cache, new)
+    x = seen[0]  # [C3 up (16), C4 up (16), θ̄ (6), ΔU (3), C3[:4] ΔU_u (4), C3[:4] ΔU_v (4)]
+    assert x.shape == (2, 16 + 16 + 6 + 3 + 8, 8, 8) and W.w1[0].in_channels == 49
+    c3, duv = x[:, :4], x[:, 38:41]
+    torch.testing.assert_close(x[:, 41:45], c3 * duv[:, :1])
+    torch.testing.assert_close(x[:, 45:49], c3 * duv[:, 1:2])
+    with pytest.raises(ValueError, match="uv_modulation"):
+        _warp(uv_modulation=4, use_uv=False)
