@@ -104,7 +104,8 @@ class Cache:
 
 class _Conditioning(nn.Module):
     """Builds ``θ̄_{t+1}`` of eq. (2): the enabled inputs among (p, Δp, θ, Δθ, e, Δe, h) of the
-    new frame, passed through the single-layer MLP M (Linear + LeakyReLU(0.2)), or used raw
+    new frame (``use_absolute=False``: only Δp, Δθ, Δe, Δh), passed through the single-layer
+    MLP M (Linear + LeakyReLU(0.2)), or used raw
     when ``use_mlp`` is off (Table 3's "Use θ" row without "Use MLP").
 
     Input standardisation (buffers, identity until :meth:`set_statistics` is called): values
@@ -116,8 +117,9 @@ class _Conditioning(nn.Module):
 
     def __init__(self, pose_dim: int, expr_dim: int, cam_dim: int, sh_dim: int, mlp_dim: int,
                  use_camera: bool, use_pose: bool, use_expression: bool, use_pose_sh: bool,
-                 use_mlp: bool) -> None:
+                 use_mlp: bool, use_absolute: bool = True) -> None:
         super().__init__()
+        self.use_absolute = use_absolute
         self.dims = {"cam_positions": cam_dim, "poses": pose_dim, "expressions": expr_dim,
                      "pose_shs": sh_dim}
         self.used = {"cam_positions": use_camera, "poses": use_pose, "expressions": use_expression,
@@ -127,7 +129,8 @@ class _Conditioning(nn.Module):
             self.register_buffer(f"std_{key}", torch.ones(dim))
             self.register_buffer(f"delta_rms_{key}", torch.ones(dim))
         self.register_buffer("uv_delta_scale", torch.ones(2))  # 1 / rms of the interior ΔU
-        in_dim = sum(2 * self.dims[k] for k in ("cam_positions", "poses", "expressions") if self.used[k])
+        per_key = 2 if use_absolute else 1  # value and delta, or the delta only
+        in_dim = sum(per_key * self.dims[k] for k in ("cam_positions", "poses", "expressions") if self.used[k])
         in_dim += sh_dim if use_pose_sh else 0
         self.in_dim = in_dim
         self.mlp = nn.Sequential(nn.Linear(in_dim, mlp_dim), nn.LeakyReLU(0.2)) if use_mlp and in_dim else None
@@ -166,9 +169,9 @@ class _Conditioning(nn.Module):
         parts = []
         for key in ("cam_positions", "poses", "expressions"):
             if self.used[key]:
-                parts += [self.value(new, key), self.delta(new, old, key)]
+                parts += ([self.value(new, key)] if self.use_absolute else []) + [self.delta(new, old, key)]
         if self.used["pose_shs"]:
-            parts.append(self.value(new, "pose_shs"))
+            parts.append(self.value(new, "pose_shs") if self.use_absolute else self.delta(new, old, "pose_shs"))
         if not parts:
             return None
         vec = torch.cat(parts, dim=1)
@@ -275,6 +278,10 @@ class ImplicitWarp(nn.Module):
             the standardised ΔU: ``C3[:m] ΔU_u, C3[:m] ΔU_v`` (+2m channels). It is the per-pixel
             analogue of the SH skips' ``C Δh``: a first-order term ``F(x - v) ≈ F(x) - v·∇F``
             that a two-layer W cannot easily form from a concatenated ΔU alone.
+        use_absolute: not in the paper when False (True = eq. 2). False gives M only the
+            changes Δp, Δθ, Δe, Δh, so W cannot key its output to the absolute pose and
+            expression of training frames (a per-frame memory that does not carry to test
+            frames) and has to render from the cache and the motion.
         norm: norm after W1 (see :func:`neuralcache.generators.make_norm`).
         out_activation: ``"sigmoid"`` or ``"none"``, as G's.
     """
@@ -284,7 +291,7 @@ class ImplicitWarp(nn.Module):
                  hidden_channels: int | None = None, use_camera: bool = True, use_pose: bool = True,
                  use_expression: bool = True, use_pose_sh: bool = True, use_uv: bool = True,
                  use_mlp: bool = True, modulate_skips: bool = True, skip_modulation: str = "replace",
-                 uv_modulation: int = 0,
+                 uv_modulation: int = 0, use_absolute: bool = True,
                  cached_layers: Sequence[int] = (3, 4, 5), sh_channel_start: int = 0,
                  norm: str = "instance", out_channels: int = 3, out_activation: str = "sigmoid") -> None:
         super().__init__()
@@ -310,7 +317,7 @@ class ImplicitWarp(nn.Module):
         extra = sh_dim if modulate_skips and skip_modulation == "append" else 0
         self.sh_channel_start, self.sh_dim = sh_channel_start, sh_dim
         self.cond = _Conditioning(pose_dim, expr_dim, cam_dim, sh_dim, mlp_dim, use_camera, use_pose,
-                                  use_expression, use_pose_sh, use_mlp)
+                                  use_expression, use_pose_sh, use_mlp, use_absolute)
         hidden = hidden_channels or max(1, self.channels[5] // 2)
         w1_in = self.channels[3] + self.cond.out_dim + (3 if use_uv else 0) + 2 * self.uv_modulation
         w1_in += self.channels[4] + extra if 4 in layers else 0

@@ -406,3 +406,20 @@ def test_warp_uv_modulation_multiplies_c3_by_the_delta_uv():
     torch.testing.assert_close(x[:, 45:49], c3 * duv[:, 1:2])
     with pytest.raises(ValueError, match="uv_modulation"):
         _warp(uv_modulation=4, use_uv=False)
+
+
+def test_warp_without_absolute_inputs_sees_only_the_deltas():
+    W = _warp(use_absolute=False)
+    cache, new = _cache(), _params(seed=22)
+    seen = []
+    W.cond.mlp[0].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    W(cache, new)
+    old = cache.params
+    ref = torch.cat([new.cam_positions - old.cam_positions, new.poses - old.poses,
+                     new.expressions - old.expressions, new.pose_shs - old.pose_shs], dim=1)
+    torch.testing.assert_close(seen[0], ref)
+    # the same motion from another absolute pose renders the same image
+    shifted = FrameParams(**{**new.__dict__, "poses": new.poses + 1.0})
+    moved = Cache(cache.features, FrameParams(**{**old.__dict__, "poses": old.poses + 1.0}))
+    with torch.no_grad():
+        torch.testing.assert_close(W(moved, shifted)["images"], W(cache, new)["images"])
