@@ -104,7 +104,7 @@ def retarget_frames(target: Subject, source: Subject, transfer_head_pose: bool =
         yield batch, source.images[t]
 
 
-def novel_view_frames(subject: Subject, num_frames: int = 60, max_yaw_deg: float = 30.0) -> Iterator[tuple[dict, np.ndarray]]:
+def novel_view_frames(subject: Subject, num_frames: int = 60, max_yaw_deg: float = 15.0) -> Iterator[tuple[dict, np.ndarray]]:
     """``(batch, test image)``: test frames (cycled) with the mesh turned by a yaw sweep about the head centre."""
     poses = frame_head_poses(subject).double()
     centroid = torch.from_numpy(subject.template_vertices).double().mean(0)
@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-head-pose", action="store_true", help="retarget the expression only")
     p.add_argument("--max-frames", type=int, default=120, help="driving frames to retarget")
     p.add_argument("--novel-views", type=int, default=60, help="frames of the novel-view sweep (0: none)")
-    p.add_argument("--max-yaw", type=float, default=30.0, help="yaw amplitude of the sweep, degrees")
+    p.add_argument("--max-yaw", type=float, default=15.0,
+                   help="yaw amplitude of the sweep, degrees (added to the tracked pose; beyond the "
+                        "training views the renderer breaks down: try 30 on the synthetic subject)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output folder (default: RUN/renders)")
     args = p.parse_args(argv)
