@@ -55,7 +55,7 @@ TABLE1_COLUMNS = ["model", "workers", "l1", "psnr", "ssim", "latency_ms", "fps",
 ONLINE_COLUMNS = ["model", "rate", "l1", "psnr", "ssim", "frames", "distances"]
 DISTANCE_COLUMNS = ["model", "distance", "l1", "psnr", "ssim"]
 #: Tables 3 and 4: which inputs and cached layers the implicit warp used, and its 1x-warp scores
-WARP_ABLATION_COLUMNS = ["concat_uv", "use_pose", "use_camera", "use_mlp", "sh_pose", "sh_skips", "exp",
+WARP_ABLATION_COLUMNS = ["concat_uv", "use_pose", "use_camera", "use_mlp", "sh_pose", "sh_skips", "tex_sample", "exp",
                          "cached", "l1", "psnr", "ssim", "latency_ms", "rel_latency"]
 #: the paper's row order of Table 1 (rows carry ``order`` for scripts/neuralcache_table.py)
 ROW_ORDER = {"dnr": 0, "dnr_plus": 1, "dnr_plus_plus": 3, "explicit_warp": 4, "ours": 5}
@@ -145,7 +145,8 @@ def network_flops(model, frame: dict, device: str) -> dict[str, int]:
     out = {"generator": count_flops(model.generator, *args)}
     if model.warp is not None:
         _, cache = model.make_cache(inputs)
-        out["warp"] = count_flops(model.warp, cache, inputs.params)
+        extra = {"textures": textures} if getattr(model.warp, "use_texture", False) else {}
+        out["warp"] = count_flops(model.warp, cache, inputs.params, **extra)
     return out
 
 
@@ -288,7 +289,7 @@ def warp_ablation_row(warp: ImplicitWarp, scores: dict[str, float], latency: dic
     tick = lambda on: "x" if on else ""  # noqa: E731
     flags = {"concat_uv": warp.use_uv, "use_pose": used["poses"], "use_camera": used["cam_positions"],
              "use_mlp": warp.cond.mlp is not None, "sh_pose": used["pose_shs"], "sh_skips": warp.modulate_skips,
-             "exp": used["expressions"]}
+             "tex_sample": warp.use_texture, "exp": used["expressions"]}
     return {**{k: tick(v) for k, v in flags.items()}, "cached": "C" + ",".join(map(str, warp.cached_layers)),
             **scores, "latency_ms": latency["warp"], "rel_latency": latency["warp"] / latency["generator"],
             "order": sum(flags.values()) * 10 + len(warp.cached_layers)}

@@ -170,7 +170,7 @@ class NeuralCache(Method):
         try:
             if self.spec.warp == "implicit":
                 self.warp = ImplicitWarp(feature_channels=[feature_channels[k] for k in (3, 4, 5)],
-                                         **sizes, **(warp or {}))
+                                         texture_channels=tex["num_channels"], **sizes, **(warp or {}))
             elif self.spec.warp == "explicit":
                 self.warp = ExplicitWarp(c3_channels=feature_channels[3], **sizes, **(explicit_warp or {}))
         except TypeError as exc:  # an unknown key in the YAML
@@ -285,6 +285,8 @@ class NeuralCache(Method):
         """W: the image ``[B, H, W, 3]`` of a new frame rendered from a cache."""
         if self.warp is None:
             raise RuntimeError(f"variant {self.variant!r} has no warp network")
+        if getattr(self.warp, "use_texture", False):  # Table 3's "ExWarp" input
+            return self.warp(cache, inputs.params, textures=self.sample_texture(inputs))["images"]
         return self.warp(cache, inputs.params)["images"]
 
     # ------------------------------------------------------------------ Method interface

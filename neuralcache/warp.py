@@ -278,6 +278,11 @@ class ImplicitWarp(nn.Module):
             the standardised ΔU: ``C3[:m] ΔU_u, C3[:m] ΔU_v`` (+2m channels). It is the per-pixel
             analogue of the SH skips' ``C Δh``: a first-order term ``F(x - v) ≈ F(x) - v·∇F``
             that a two-layer W cannot easily form from a concatenated ΔU alone.
+        use_texture: Table 3's "ExWarp" column: the neural texture sampled with the new frame's
+            UV map ``U_{t+1}`` (``forward(..., textures=)``, ``[B, D, H, W]``), area-averaged to
+            C3's resolution and concatenated with C3. Off in the paper's final model (it adds
+            the texture sampling to W's latency).
+        texture_channels: ``D`` of that texture sample.
         use_absolute: not in the paper when False (True = eq. 2). False gives M only the
             changes Δp, Δθ, Δe, Δh, so W cannot key its output to the absolute pose and
             expression of training frames (a per-frame memory that does not carry to test
@@ -291,7 +296,8 @@ class ImplicitWarp(nn.Module):
                  hidden_channels: int | None = None, use_camera: bool = True, use_pose: bool = True,
                  use_expression: bool = True, use_pose_sh: bool = True, use_uv: bool = True,
                  use_mlp: bool = True, modulate_skips: bool = True, skip_modulation: str = "replace",
-                 uv_modulation: int = 0, use_absolute: bool = True,
+                 uv_modulation: int = 0, use_absolute: bool = True, use_texture: bool = False,
+                 texture_channels: int = 16,
                  cached_layers: Sequence[int] = (3, 4, 5), sh_channel_start: int = 0,
                  norm: str = "instance", out_channels: int = 3, out_activation: str = "sigmoid") -> None:
         super().__init__()
@@ -314,6 +320,7 @@ class ImplicitWarp(nn.Module):
             raise ValueError(f"uv_modulation must be in 0..C3={self.channels[3]} and needs use_uv, "
                              f"got {uv_modulation} (use_uv={use_uv})")
         self.uv_modulation = int(uv_modulation)
+        self.use_texture, self.texture_channels = use_texture, int(texture_channels)
         extra = sh_dim if modulate_skips and skip_modulation == "append" else 0
         self.sh_channel_start, self.sh_dim = sh_channel_start, sh_dim
         self.cond = _Conditioning(pose_dim, expr_dim, cam_dim, sh_dim, mlp_dim, use_camera, use_pose,
@@ -321,6 +328,7 @@ class ImplicitWarp(nn.Module):
         hidden = hidden_channels or max(1, self.channels[5] // 2)
         w1_in = self.channels[3] + self.cond.out_dim + (3 if use_uv else 0) + 2 * self.uv_modulation
         w1_in += self.channels[4] + extra if 4 in layers else 0
+        w1_in += self.texture_channels if use_texture else 0
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         self.w1 = nn.Sequential(nn.Conv2d(w1_in, hidden, 3, padding=1), make_norm(norm, hidden),
                                 nn.ReLU(inplace=True))
@@ -351,12 +359,20 @@ class ImplicitWarp(nn.Module):
             return torch.cat([feats, modulated], dim=1)
         return torch.cat([feats[:, :s], modulated, feats[:, e:]], dim=1)
 
-    def forward(self, cache: Cache, params: FrameParams) -> dict[str, Tensor]:
-        """``{"images": [B, H, W, 3]}``: frame ``t+1`` (``params``) rendered from ``cache``."""
+    def forward(self, cache: Cache, params: FrameParams, textures: Tensor | None = None) -> dict[str, Tensor]:
+        """``{"images": [B, H, W, 3]}``: frame ``t+1`` (``params``) rendered from ``cache``
+        (``textures [B, D, H, W]``: the texture sampled with ``U_{t+1}``, only with ``use_texture``)."""
         size = _check_inputs(cache, params, self.cond, self.cached_layers, self.channels)
         up_size = (2 * size[0], 2 * size[1])
         dhs = self.cond.delta(params, cache.params, "pose_shs")
         x = [cache.features[3]]
+        if self.use_texture:
+            B, H, W = params.masks.shape
+            if textures is None or textures.shape != (B, self.texture_channels, H, W):
+                raise ValueError(f"use_texture needs textures [{B}, {self.texture_channels}, {H}, {W}] (the "
+                                 f"texture sampled with U_t+1), got "
+                                 f"{None if textures is None else tuple(textures.shape)}")
+            x.append(F.interpolate(textures, size=size, mode="area"))
         if 4 in self.cached_layers:
             x.append(self._modulate(cache.features[4], dhs))
         x = [self.up(torch.cat(x, dim=1))] + _broadcast(self.cond(params, cache.params), up_size)

@@ -296,8 +296,8 @@ def test_warp_ablation_row_ticks_the_switches():
     warp = ImplicitWarp(feature_channels=(16, 16, 12), expr_dim=5, use_uv=False, use_mlp=False,
                         modulate_skips=False, cached_layers=(3, 4))
     row = warp_ablation_row(warp, {"psnr": 25.0}, {"warp": 2.0, "generator": 8.0})
-    assert [row[k] for k in ("concat_uv", "use_pose", "use_camera", "use_mlp", "sh_pose", "sh_skips", "exp")] == [
-        "", "x", "x", "", "x", "", "x"]
+    assert [row[k] for k in ("concat_uv", "use_pose", "use_camera", "use_mlp", "sh_pose", "sh_skips", "tex_sample",
+                             "exp")] == ["", "x", "x", "", "x", "", "", "x"]
     assert row["cached"] == "C3,4" and row["rel_latency"] == 0.25 and row["psnr"] == 25.0
 
 
@@ -414,3 +414,22 @@ def test_warp_delta_uv_scale_is_inverse_rms_of_consecutive_training_frames(subje
     assert (expected > 10).all()  # UVs move by a small fraction of their range per frame
     raw = _model(subject, standardize_warp_inputs=False)
     assert torch.equal(raw.warp.cond.uv_delta_scale, torch.ones(2))
+
+
+def test_warp_with_texture_sample_of_the_new_frame_trains_and_uses_it(subject):
+    model = _model(subject, warp={"mlp_dim": 4, "use_texture": True})
+    assert model.warp.w1[0].in_channels == _model(subject).warp.w1[0].in_channels + 16
+    train_set = FrameDataset(subject, "train")
+    batch = model.sample_train_batch(train_set, 0, 2, "cpu")
+    model.get_loss_dict(model.get_outputs(batch), batch, 0)["image"].backward()
+    assert model.warp.w1[0].weight.grad[:, 16:32].abs().sum() > 0  # the texture channels right after C3 (16)
+    model.eval()
+    with torch.no_grad():
+        data = FrameDataset(subject, "all")
+        src, new = model.encoder(model.frame_batch(data, [2], "cpu")), model.encoder(model.frame_batch(data, [3], "cpu"))
+        _, cache = model.make_cache(src)
+        image = model.warp_frame(cache, new)
+        model.texture.levels[0].add_(1.0)  # the new frame's texture sample changes the image
+        assert not torch.allclose(model.warp_frame(cache, new), image)
+        with pytest.raises(ValueError, match="use_texture needs textures"):
+            model.warp(cache, new.params)
