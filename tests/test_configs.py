@@ -58,10 +58,16 @@ def test_typo_in_override_is_a_struct_error_naming_the_key():
 
 @pytest.mark.parametrize("name", ["train", "fit_3dgs"])  # eval/prepare_data write no Hydra folder
 def test_hydra_run_folder_is_run_dir_when_given(name, tmp_path):
-    import headkit.engine.rundir  # noqa: F401  registers ${first_set:...}
+    import headkit.engine.rundir  # noqa: F401  registers ${hydra_run_dir:...}
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         dated = compose(name, overrides=[], return_hydra_config=True)
         assert f"/{name}/" in dated.hydra.run.dir and dated.hydra.run.dir[-19:-9].count("-") == 2
         if "run_dir" in dated:
             given = compose(name, overrides=[f"run_dir={tmp_path}"], return_hydra_config=True)
             assert given.hydra.run.dir == str(tmp_path)  # no second, near-empty dated folder
+            (tmp_path / "config.yaml").write_text("seed: 0\n")  # tmp_path now holds a run ...
+            taken = compose(name, overrides=[f"run_dir={tmp_path}"], return_hydra_config=True)
+            assert taken.hydra.run.dir != str(tmp_path) and f"/{name}/" in taken.hydra.run.dir  # ... left alone
+            resumed = compose(name, overrides=[f"run_dir={tmp_path}", "trainer.resume=true"],
+                              return_hydra_config=True)
+            assert resumed.hydra.run.dir == str(tmp_path)

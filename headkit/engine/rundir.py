@@ -24,14 +24,20 @@ CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.json"
 
 
-def _first_set(*values):
-    """``${first_set:a,b,...}``: the first value that is not None (configs/hydra/default.yaml
-    uses it to put Hydra's own folder at ``run_dir`` when one is given)."""
-    return next((v for v in values if v is not None), None)
+def _hydra_run_dir(run_dir, resume, default):
+    """``${hydra_run_dir:run_dir,resume,default}`` (configs/hydra/default.yaml): Hydra's own
+    folder (``.hydra/``, the log) goes to ``run_dir`` when one is given and it is free or being
+    resumed; otherwise to ``default`` (a dated folder), so Hydra never writes into another
+    run's folder (the engine then picks ``run_dir-1``, see :func:`make_run_dir`)."""
+    if run_dir is None:
+        return default
+    if resume or not _run_entries(Path(str(run_dir))):
+        return str(run_dir)
+    return default
 
 
-if not OmegaConf.has_resolver("first_set"):
-    OmegaConf.register_new_resolver("first_set", _first_set)
+if not OmegaConf.has_resolver("hydra_run_dir"):
+    OmegaConf.register_new_resolver("hydra_run_dir", _hydra_run_dir)
 
 
 def _run_entries(path: Path) -> list[Path]:
