@@ -16,13 +16,7 @@ from headkit.render.gaussians import rasterize_gaussians
 SH_C0 = 0.28209479177387814
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 def random_rigid(T, seed):

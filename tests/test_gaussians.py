@@ -15,14 +15,7 @@ from tests.gaussian_reference import dense_render
 W, H = 48, 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These scenes are tiny: extra OpenMP threads only add barriers, which cost whole
-    scheduler slices on an oversubscribed machine (10x slower here with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 def look_at(eye, target, dtype=torch.float32):

@@ -46,14 +46,7 @@ def small_model(subject, **changes) -> GraphAvatar:
     return GraphAvatar(subject, **kwargs)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads run these many small ops
-    10-30x slower (measured), and one is as fast when the machine is idle."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 @pytest.fixture(scope="module")

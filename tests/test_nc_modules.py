@@ -15,13 +15,7 @@ from neuralcache.texture import NeuralTexture, check_uv_maps, texture_l1
 from neuralcache.warp import Cache, ExplicitWarp, FrameParams, ImplicitWarp, count_flops, pose_sh
 
 
-@pytest.fixture(autouse=True)
-def _one_intraop_thread():
-    """These tensors are tiny: intra-op threads only spin-wait on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 

@@ -31,12 +31,7 @@ SYNTH = dict(num_frames=14, width=32, height=32, num_test=4, num_vertices_target
              supersample=1, hair=False, accessories=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 @pytest.fixture(scope="module")
