@@ -26,13 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 
 from headkit.cameras import project_points
 from headkit.data.dataset import FrameDataset
-from headkit.engine.checkpoint import CheckpointManager
-from headkit.engine.rundir import load_config
-from headkit.engine.trainer import build_method
+from headkit.engine.runs import load_run
 from headkit.metrics import psnr
 from headkit.render.mesh_raster import interpolate, rasterize_mesh
 
@@ -58,14 +55,8 @@ def mesh_flow_warp(image: torch.Tensor, before: dict, after: dict, faces: torch.
 @torch.no_grad()
 def diagnose(run_dir: str | Path, num_frames: int = 30) -> dict[str, dict[str, float | None]]:
     """``{split: {column: mean PSNR or None}}`` for a run (see the module docstring)."""
-    cfg = load_config(run_dir)
-    subject = instantiate(cfg.data, _convert_="all")
-    model = build_method(cfg, subject)
-    found = CheckpointManager(Path(run_dir) / "checkpoints").latest_valid()
-    if found is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints: no valid checkpoint")
-    model.load_state_dict(found[1]["model"])
-    model.eval()
+    run = load_run(run_dir, device="cpu")
+    subject, model = run.subject, run.model
     faces = torch.as_tensor(subject.faces, dtype=torch.int64)
     score = lambda a, b: psnr(a.clamp(0, 1), b).mean().item()  # noqa: E731
     result = {}

@@ -38,28 +38,11 @@ from headkit.cameras import so3_exp
 from headkit.data.dataset import FrameDataset
 from headkit.data.image_io import to_uint8
 from headkit.data.subject import Subject, SubjectError
-from headkit.engine.checkpoint import CheckpointManager
 from headkit.engine.evaluate import write_video
-from headkit.engine.guards import device_from_string
-from headkit.engine.rundir import load_config
-from headkit.engine.runs import find_latest_run
-from headkit.engine.trainer import build_method
+from headkit.engine.runs import find_latest_run, load_run
 from headkit.gaussian_fit import frame_head_poses
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def load_run(run_dir: str | Path, device: str = "auto"):
-    """``(config, subject, model)`` of a run with its newest valid checkpoint, in eval mode."""
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir)
-    subject = instantiate(cfg.data, _convert_="all")
-    model = build_method(cfg, subject).to(device_from_string(device))
-    found = CheckpointManager(run_dir / "checkpoints").latest_valid()
-    if found is None:
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no valid checkpoint to render from")
-    model.load_state_dict(found[1]["model"])
-    return cfg, subject, model.eval()
 
 
 def source_subject(cfg, overrides: list[str]) -> Subject:
@@ -138,6 +121,7 @@ def render_video(model, frames: Iterator[tuple[dict, np.ndarray]], path: Path, f
     return write_video(path, video, fps=fps), len(video)
 
 
+@torch.no_grad()  # scoped: a caller (e.g. a test) keeps autograd afterwards
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -153,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="output folder (default: RUN/renders)")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     run = Path(args.run) if args.run else find_latest_run("outputs/train")
-    cfg, subject, model = load_run(run, args.device)
+    loaded = load_run(run, args.device)
+    cfg, subject, model = loaded.cfg, loaded.subject, loaded.model
     out = Path(args.out) if args.out else run / "renders"
     out.mkdir(parents=True, exist_ok=True)
     if args.source is not None:

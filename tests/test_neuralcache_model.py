@@ -340,6 +340,26 @@ def test_composed_experiment_trains_end_to_end(tmp_path):
     assert saved["config_name"] == "neuralcache_synthetic" and saved["steps"] == 3
     assert metrics["tables"]["table1"]["rows"][0]["model"] == "Ours (1x warp)"
     assert (tmp_path / "run" / "checkpoints").is_dir()
+    # the finished run feeds the render script and the warp diagnosis through headkit.engine.runs.load_run
+    from headkit.engine.runs import load_run
+    run = load_run(tmp_path / "run", device="cpu")
+    assert run.step == 3 and not run.model.training and run.checkpoint.parent.name == "checkpoints"
+    assert _script("render").main(["--run", str(tmp_path / "run"), "--novel-views", "3", "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "novel_views.mp4").is_file()
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "nc_warp_diagnosis", Path(__file__).resolve().parents[1] / "benchmarks" / "nc_warp_diagnosis.py")
+    diagnosis = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnosis)
+    rows = diagnosis.diagnose(tmp_path / "run", num_frames=3)
+    assert set(rows) == {"test", "train"} and all(0 < rows["test"][c] < 100 for c in ("G", "W0", "W1", "naive"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        load_run(bare)
+    (bare / "config.yaml").write_text((tmp_path / "run" / "config.yaml").read_text())
+    with pytest.raises(FileNotFoundError, match="bare/checkpoints: no valid checkpoint"):
+        load_run(bare)
 
 
 def _script(name: str):
