@@ -219,7 +219,7 @@ def evaluate_neural_cache(model, dataset: FrameDataset, run_dir: str | Path, *, 
             primary = [outs[p] for p in scored]
             rows.append({**row, **score(primary, targets)})
         else:
-            for k in progress(warps, desc="eval modes", enabled=show_progress):
+            for k in progress(warps, desc="eval modes", enabled=None if show_progress else False):
                 for n in workers:
                     outs, fps, stream_ms = run_mode(model, frames, k, "algorithm1", devices[:n], stream_repeats,
                                                 max_in_flight)

@@ -148,3 +148,12 @@ def test_format_report_prints_method_tables_and_lpips_reason():
     assert lines[2].split() == ["27.50", "n/a"]
     assert "Table 1" in lines and any(l.split() == ["Ours", "27.30"] for l in lines)
     assert lines[-1] == "LPIPS unavailable: no AlexNet weights"
+
+
+def test_evaluation_bars_follow_headkit_no_progress(tmp_path, monkeypatch, capsys):
+    train(make_cfg(tmp_path, "quiet", max_steps=2))
+    capsys.readouterr()
+    monkeypatch.setenv("HEADKIT_NO_PROGRESS", "1")
+    evaluate_run(tmp_path / "quiet", device="cpu", eval_cfg={"video": False, "timing_repeats": 2},
+                 show_progress=True)  # True = "if the environment allows", as for training bars
+    assert "eval:" not in capsys.readouterr().err

@@ -57,7 +57,7 @@ def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device
     per_frame: dict[str, list[float]] = {"l2": [], "psnr": [], "ssim": [], "lpips": []}
     lpips_reason = None if with_lpips else "disabled by eval.lpips=false"
     frames = []
-    for pos in progress(range(len(dataset)), desc="eval", enabled=show_progress):
+    for pos in progress(range(len(dataset)), desc="eval", enabled=None if show_progress else False):
         batch = dataset.batch([pos], device)
         pred = model.render_eval(batch).clamp(0, 1)
         gt = model.target_image(batch)
