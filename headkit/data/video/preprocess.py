@@ -33,12 +33,14 @@ from .crop import CROP_MODES, crop_boxes, crop_frame, crop_intrinsics, landmark_
 from .expressions import fit_expression_pca
 from .landmarks import TrackedVideo, track_video
 from .mesh_topology import CanonicalFace
+from .model_files import KNOWN_SEGMENTER_SHA256, face_landmarker_path, is_sha256, selfie_segmenter_path
 from .overlay import draw_wireframe, tint_background
 from .reader import VideoError, iter_frames, probe_video
 from .smoothing import gaussian_smooth, smooth_poses
 
 log = logging.getLogger(__name__)
 KEY = "video_preprocess"
+CONFIDENCE_KEYS = ("min_face_detection_confidence", "min_face_presence_confidence", "min_tracking_confidence")
 
 
 @dataclass
@@ -48,8 +50,9 @@ class VideoSettings:
     frame_stride: int = 1
     max_frames: int | None = None
     max_faces: int = 2
-    refine_landmarks: bool = True
-    min_detection_confidence: float = 0.5
+    landmarker_task: str | None = None
+    min_face_detection_confidence: float = 0.5
+    min_face_presence_confidence: float = 0.5
     min_tracking_confidence: float = 0.5
     max_dropped_fraction: float = 0.2
     fov_deg: float = 60.0
@@ -64,7 +67,8 @@ class VideoSettings:
     crop_sigma: float = 3.0
     image_size: int = 256
     mask_threshold: float | None = 0.5
-    segmentation_model: int = 0
+    segmenter_model: str | None = None
+    segmenter_sha256: str | None = KNOWN_SEGMENTER_SHA256
     expression_dim: int = 16
     whiten_expressions: bool = True
     test_fraction: float = 0.2
@@ -75,6 +79,7 @@ class VideoSettings:
     def __post_init__(self) -> None:
         checks = {
             "frame_stride": self.frame_stride >= 1, "max_faces": self.max_faces >= 1,
+            **{k: 0.0 <= getattr(self, k) <= 1.0 for k in CONFIDENCE_KEYS},
             "max_frames": self.max_frames is None or self.max_frames >= 2,
             "max_dropped_fraction": 0.0 <= self.max_dropped_fraction <= 1.0,
             "fov_deg": 0.0 < self.fov_deg < 180.0, "focal_px": self.focal_px is None or self.focal_px > 0,
@@ -83,7 +88,8 @@ class VideoSettings:
             "crop_mode": self.crop_mode in CROP_MODES, "crop_margin": self.crop_margin > 0,
             "crop_sigma": self.crop_sigma >= 0, "image_size": self.image_size >= 8,
             "mask_threshold": self.mask_threshold is None or 0.0 < self.mask_threshold < 1.0,
-            "segmentation_model": self.segmentation_model in (0, 1), "expression_dim": self.expression_dim >= 1,
+            "segmenter_sha256": self.segmenter_sha256 is None or is_sha256(self.segmenter_sha256),
+            "expression_dim": self.expression_dim >= 1,
             "test_fraction": 0.0 < self.test_fraction < 1.0, "sheet_frames": self.sheet_frames >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -209,12 +215,13 @@ def preprocess_video(video: str | os.PathLike, out: str | os.PathLike, canonical
                      meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Turn ``video`` into the subject folder ``out``; return a summary dict.
 
-    ``tracker(frame) -> list of [L, 3]`` pixel-unit landmark arrays (L >= V of ``canonical``) and
-    ``segmenter(frame) -> [H, W]`` foreground probabilities default to MediaPipe
-    (:class:`~.landmarks.FaceTracker`, :class:`~.landmarks.Segmenter`). ``meta`` is added to
+    ``tracker(frame[, timestamp_ms]) -> list`` of observations or ``[L, 3]`` pixel-unit landmark
+    arrays (L >= V of ``canonical``) and ``segmenter(frame) -> [H, W]`` foreground probabilities
+    default to MediaPipe (:class:`~.landmarks.FaceLandmarker`, :class:`~.landmarks.Segmenter`, their
+    model files resolved by :mod:`.model_files`). ``meta`` is added to
     ``subject.json``'s ``meta``.
     """
-    from .landmarks import FaceTracker, Segmenter
+    from .landmarks import FaceLandmarker, Segmenter
 
     settings = settings or VideoSettings()
     video, out = Path(video), Path(out)
@@ -223,14 +230,15 @@ def preprocess_video(video: str | os.PathLike, out: str | os.PathLike, canonical
         raise FileExistsError(f"{out}: folder exists and is not empty; pass overwrite=true or choose another out=")
     info = probe_video(video)
     owned = []  # MediaPipe graphs made here are closed here
-    if tracker is None:
-        tracker = FaceTracker(settings.max_faces, settings.refine_landmarks,
-                              settings.min_detection_confidence, settings.min_tracking_confidence)
-        owned.append(tracker)
-    if segmenter is None:
-        segmenter = Segmenter(settings.segmentation_model)
-        owned.append(segmenter)
     try:
+        if tracker is None:
+            tracker = FaceLandmarker(face_landmarker_path(settings.landmarker_task, settings.cache_dir),
+                                     settings.max_faces, *(getattr(settings, k) for k in CONFIDENCE_KEYS))
+            owned.append(tracker)
+        if segmenter is None:
+            segmenter = Segmenter(selfie_segmenter_path(settings.segmenter_model, settings.cache_dir,
+                                                        settings.segmenter_sha256))
+            owned.append(segmenter)
         return _preprocess(video, out, canonical, settings, info, tracker, segmenter, overwrite, name, meta, start)
     finally:
         for model in owned:
