@@ -267,7 +267,7 @@ def write_clip(path: Path, num_frames: int, width: int = 96, height: int = 80) -
 
 
 def tiny_settings(**overrides) -> VideoSettings:
-    values = dict(focal_px=120.0, image_size=32, expression_dim=3, sheet_frames=4, pose_sigma=1.0,
+    values = dict(tracker="mediapipe_mesh", focal_px=120.0, image_size=32, expression_dim=3, sheet_frames=4, pose_sigma=1.0,
                   landmark_sigma=0.0, crop_sigma=1.0)
     return VideoSettings(**{**values, **overrides})
 
@@ -476,7 +476,7 @@ def test_mediapipe_pipeline_on_a_short_real_clip(tmp_path, mediapipe_models):  #
     face = load_canonical_face(mediapipe_models[0])  # the real canonical face, from the .task file
     # Default tracker and segmenter: their model files come from the environment (the fixture).
     summary = preprocess_video(tmp_path / "astronaut.mp4", tmp_path / "out", face,
-                               VideoSettings(image_size=64, expression_dim=2, sheet_frames=4,
+                               VideoSettings(tracker="mediapipe_mesh", image_size=64, expression_dim=2, sheet_frames=4,
                                              cache_dir=str(tmp_path / "cache")))
     s = load_subject_folder(tmp_path / "out")
     assert summary["dropped"] == 0 and s.num_frames == 8 and s.extras["landmarks"].shape == (8, 478, 2)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,15 @@ from ..folder import write_subject_folder
 from ..subject import Subject, holdout_split
 from .align import ROBUST_LOSSES, align_frames, fit_head_poses, focal_from_fov, lift_landmarks, to_head_space
 from .crop import CROP_MODES, crop_boxes, crop_frame, crop_intrinsics, landmark_boxes, resize_square
-from .expressions import fit_expression_pca
 from .landmarks import TrackedVideo, track_video
 from .mesh_topology import CanonicalFace
 from .model_files import KNOWN_SEGMENTER_SHA256, face_landmarker_path, is_sha256, selfie_segmenter_path
-from .overlay import draw_wireframe, tint_background
+from .overlay import shade_mesh, tint_background
 from .reader import VideoError, iter_frames, probe_video
 from .smoothing import gaussian_smooth, smooth_poses
+from .head_mask import neck_cut_mask
+from .ict_fit import IctFitSettings
+from .trackers import TRACKERS, HeadTrack, make_tracker
 
 log = logging.getLogger(__name__)
 KEY = "video_preprocess"
@@ -47,6 +49,13 @@ CONFIDENCE_KEYS = ("min_face_detection_confidence", "min_face_presence_confidenc
 class VideoSettings:
     """Settings of the video pipeline (``configs/video_preprocess/default.yaml`` documents each)."""
 
+    tracker: str = "ict"
+    head_model_dir: str | None = None
+    head_regions: list[str] = field(default_factory=lambda: ["face", "head_neck"])
+    num_identities: int = 30
+    ict_fit: dict[str, Any] = field(default_factory=dict)
+    neck_cut: bool = True
+    data_dir: str = "data"
     frame_stride: int = 1
     max_frames: int | None = None
     max_faces: int = 2
@@ -78,6 +87,8 @@ class VideoSettings:
 
     def __post_init__(self) -> None:
         checks = {
+            "tracker": self.tracker in TRACKERS, "num_identities": self.num_identities >= 0,
+            "ict_fit": set(self.ict_fit or {}) <= {f.name for f in fields(IctFitSettings)} - {"num_identities"},
             "frame_stride": self.frame_stride >= 1, "max_faces": self.max_faces >= 1,
             **{k: 0.0 <= getattr(self, k) <= 1.0 for k in CONFIDENCE_KEYS},
             "max_frames": self.max_frames is None or self.max_frames >= 2,
@@ -190,27 +201,49 @@ def project(vertices: np.ndarray, Ks: np.ndarray) -> np.ndarray:  # [T, V, 3], [
     return hom[..., :2] / hom[..., 2:3]
 
 
-def save_video_contact_sheet(path: Path, subject: Subject, edges: np.ndarray, num_frames: int) -> Path:
-    """Contact sheet of ``num_frames`` evenly spaced frames: the mesh wireframe (green) and iris
-    landmarks (red) drawn over each frame, beside the frame with its background tinted blue."""
+def cut_below_neck(masks: np.ndarray,  # [T, S, S] uint8
+                   vertices: np.ndarray,  # [T, V, 3] camera space
+                   Ks: np.ndarray,  # [T, 3, 3] of the crops
+                   neck: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Head-and-neck masks: every frame's person mask cut below its projected neck loop."""
+    ids, edges = neck
+    remap = np.full(int(ids.max()) + 1, -1)
+    remap[ids] = np.arange(len(ids))
+    points = project(vertices[:, ids].astype(np.float64), Ks.astype(np.float64)) - 0.5  # pixel centres
+    return np.stack([neck_cut_mask(m, p, remap[edges]) for m, p in zip(masks, points)])
+
+
+def landmark_outliers(errors: np.ndarray | None, numbers: np.ndarray, factor: float = 4.0) -> list[int]:
+    """Frame numbers whose mean landmark error exceeds the clip's median by ``factor`` median
+    absolute deviations (the fit could not follow the landmarks there)."""
+    if errors is None or len(errors) < 3:
+        return []
+    median = float(np.median(errors))
+    spread = max(float(np.median(np.abs(errors - median))), 1e-6)
+    return [int(n) for n in numbers[errors > median + factor * spread]]
+
+
+def save_video_contact_sheet(path: Path, subject: Subject, num_frames: int,
+                             errors: np.ndarray | None = None) -> Path:
+    """Contact sheet of ``num_frames`` evenly spaced frames: the tracked mesh shaded over each
+    frame (with its landmark error in pixels when known), beside the frame with the mask's
+    outside tinted blue."""
     picks = np.unique(np.linspace(0, subject.num_frames - 1, min(num_frames, subject.num_frames)).round().astype(int))
-    pixels = project(subject.vertices[picks].astype(np.float64), subject.Ks[picks].astype(np.float64))
-    landmarks = subject.extras["landmarks"][picks]
     numbers = subject.extras["frame_numbers"][picks]
     test = set(subject.test_ids.tolist())
     tiles, labels = [], []
     for k, t in enumerate(picks):
-        extra = landmarks[k, subject.num_vertices:]
-        tiles.append(draw_wireframe(subject.images[t], pixels[k], edges, extra if len(extra) else None))
+        tiles.append(shade_mesh(subject.images[t], subject.vertices[t].astype(np.float64), subject.faces,
+                                subject.Ks[t].astype(np.float64)))
         tiles.append(tint_background(subject.images[t], subject.masks[t]))
-        split = "test" if t in test else "train"
-        labels += [f"frame {numbers[k]} ({split})", "mask"]
+        error = f", {errors[t]:.1f} px" if errors is not None else ""
+        labels += [f"frame {numbers[k]} ({'test' if t in test else 'train'}{error})", "mask"]
     save_contact_sheet(path, np.stack(tiles), cols=6, labels=labels)
     return path
 
 
 def preprocess_video(video: str | os.PathLike, out: str | os.PathLike, canonical: CanonicalFace,
-                     settings: VideoSettings | None = None, *, tracker=None, segmenter=None,
+                     settings: VideoSettings | None = None, *, tracker=None, segmenter=None, head_model=None,
                      overwrite: bool = False, name: str | None = None,
                      meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Turn ``video`` into the subject folder ``out``; return a summary dict.
@@ -218,8 +251,9 @@ def preprocess_video(video: str | os.PathLike, out: str | os.PathLike, canonical
     ``tracker(frame[, timestamp_ms]) -> list`` of observations or ``[L, 3]`` pixel-unit landmark
     arrays (L >= V of ``canonical``) and ``segmenter(frame) -> [H, W]`` foreground probabilities
     default to MediaPipe (:class:`~.landmarks.FaceLandmarker`, :class:`~.landmarks.Segmenter`, their
-    model files resolved by :mod:`.model_files`). ``meta`` is added to
-    ``subject.json``'s ``meta``.
+    model files resolved by :mod:`.model_files`). The head geometry comes from
+    ``TRACKERS[settings.tracker]`` (:mod:`.trackers`); ``head_model`` replaces the ICT kit it would
+    load. ``meta`` is added to ``subject.json``'s ``meta``.
     """
     from .landmarks import FaceLandmarker, Segmenter
 
@@ -229,6 +263,7 @@ def preprocess_video(video: str | os.PathLike, out: str | os.PathLike, canonical
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out}: folder exists and is not empty; pass overwrite=true or choose another out=")
     info = probe_video(video)
+    fitter = make_tracker(settings, canonical, head_model)  # loads the kit before any frame is read
     owned = []  # MediaPipe graphs made here are closed here
     try:
         if tracker is None:
@@ -239,76 +274,84 @@ def preprocess_video(video: str | os.PathLike, out: str | os.PathLike, canonical
             segmenter = Segmenter(selfie_segmenter_path(settings.segmenter_model, settings.cache_dir,
                                                         settings.segmenter_sha256))
             owned.append(segmenter)
-        return _preprocess(video, out, canonical, settings, info, tracker, segmenter, overwrite, name, meta, start)
+        tracked = track_video(video, tracker, settings.frame_stride, settings.max_frames)
+        check_dropped(tracked, video, settings.max_dropped_fraction)
+        if tracked.landmarks.shape[1] < canonical.num_vertices:
+            raise VideoError(f"{video}: the tracker gives {tracked.landmarks.shape[1]} landmarks per frame, "
+                             f"the canonical face has {canonical.num_vertices} vertices")
+        t_track = time.perf_counter()
+        return _preprocess(video, out, settings, info, tracked, fitter, segmenter, overwrite, name, meta,
+                           [start, t_track])
     finally:
         for model in owned:
             model.close()
 
 
-def _preprocess(video: Path, out: Path, canonical: CanonicalFace, settings: VideoSettings, info, tracker,
-                segmenter, overwrite: bool, name: str | None, meta: dict[str, Any] | None,
-                start: float) -> dict[str, Any]:
-    """:func:`preprocess_video` with its tracker and segmenter in hand."""
-    tracked = track_video(video, tracker, settings.frame_stride, settings.max_frames)
-    check_dropped(tracked, video, settings.max_dropped_fraction)
-    V = canonical.num_vertices
-    if tracked.landmarks.shape[1] < V:
-        raise VideoError(f"{video}: the tracker gives {tracked.landmarks.shape[1]} landmarks per frame, "
-                         f"the canonical face has {V} vertices")
-    t_track = time.perf_counter()
-
-    numbers = tracked.frame_numbers
-    T = len(numbers)
-    train_ids, test_ids = holdout_split(T, max(1, round(settings.test_fraction * T)), str(video))
-    landmarks = gaussian_smooth(tracked.landmarks, numbers, settings.landmark_sigma)  # [T, L, 3]
-    K = full_frame_intrinsics(info.width, info.height, settings)
-    vertices, head_poses, template = fit_head_track(landmarks[:, :V], numbers, train_ids, canonical, K, settings)
-    deformations = to_head_space(vertices, head_poses) - template
-    pca = fit_expression_pca(deformations[train_ids], settings.expression_dim, settings.whiten_expressions,
-                             key=f"{KEY}.expression_dim")
-    boxes = crop_boxes(landmark_boxes(landmarks[..., :2]), numbers, settings.crop_mode, settings.crop_margin,
-                       settings.crop_shift_y, settings.crop_sigma)
-    Ks = crop_intrinsics(K, boxes, settings.image_size)
-    t_align = time.perf_counter()
-
-    images, masks = _read_crops(video, numbers, boxes, segmenter, settings)
-    t_frames = time.perf_counter()
-
+def _make_subject(video: Path, name: str | None, settings: VideoSettings, info, tracked: TrackedVideo,
+                  head: HeadTrack, split, landmarks, boxes, Ks, images, masks, meta) -> Subject:
+    """The :class:`Subject` of a tracked, cropped clip."""
+    numbers, T = tracked.frame_numbers, len(tracked.frame_numbers)
     scale = (settings.image_size / boxes[:, 2])[:, None, None]
-    subject = Subject(
-        name=name or video.stem, faces=canonical.faces, template_vertices=template.astype(np.float32),
-        vertices=vertices.astype(np.float32), expressions=pca.encode(deformations).astype(np.float32),
+    return Subject(
+        name=name or video.stem, faces=head.faces, template_vertices=head.template.astype(np.float32),
+        vertices=head.vertices.astype(np.float32), expressions=head.expressions.astype(np.float32),
         Ks=Ks.astype(np.float32), camtoworlds=np.tile(np.eye(4, dtype=np.float32), (T, 1, 1)),
         times=((numbers - numbers[0]) / max(numbers[-1] - numbers[0], 1)).astype(np.float32),
-        images=images, masks=masks, train_ids=train_ids, test_ids=test_ids,
-        fps=info.fps / settings.frame_stride, uvs=canonical.uvs, uv_faces=canonical.faces,
-        head_poses=head_poses.astype(np.float32),
+        images=images, masks=masks, train_ids=split[0], test_ids=split[1],
+        fps=info.fps / settings.frame_stride, uvs=head.uvs, uv_faces=head.uv_faces,
+        head_poses=head.head_poses.astype(np.float32),
         extras={"landmarks": ((landmarks[..., :2] - boxes[:, None, :2]) * scale).astype(np.float32),
                 "frame_numbers": numbers},
-        meta={"source": "video", "video": str(video), "video_size": [info.width, info.height],
-              "video_fps": info.fps, "dropped_frames": tracked.dropped,
-              "multi_face_frames": tracked.multi_face, "topology": canonical.source,
-              "full_frame_K": K.tolist(), "units": "metres, assuming the canonical face's size",
+        meta={"source": "video", "tracker": settings.tracker, "video": str(video),
+              "video_size": [info.width, info.height], "video_fps": info.fps, "dropped_frames": tracked.dropped,
+              "multi_face_frames": tracked.multi_face, "full_frame_K": head.K.tolist(),
               "world": "camera frame of the uncropped video (camtoworld = identity)",
-              "expression": "whitened PCA of head-space deformations (expression_basis.npz)",
-              "expression_explained_variance": pca.explained.round(5).tolist(),
-              "settings": asdict(settings), **(meta or {})},
+              **({"expression_names": head.expression_names} if head.expression_names else {}),
+              "landmark_outlier_frames": landmark_outliers(head.landmark_error_px, numbers),
+              **head.meta, "settings": asdict(settings), **(meta or {})},
     )
+
+
+def _preprocess(video: Path, out: Path, settings: VideoSettings, info, tracked: TrackedVideo, fitter, segmenter,
+                overwrite: bool, name: str | None, meta: dict[str, Any] | None, times: list[float]) -> dict[str, Any]:
+    """:func:`preprocess_video` once the landmarks are tracked: geometry, crops, masks, folder."""
+    numbers = tracked.frame_numbers
+    T = len(numbers)
+    split = holdout_split(T, max(1, round(settings.test_fraction * T)), str(video))
+    landmarks = gaussian_smooth(tracked.landmarks, numbers, settings.landmark_sigma)  # [T, L, 3]
+    head = fitter(landmarks, tracked, split[0], full_frame_intrinsics(info.width, info.height, settings))
+    boxes = crop_boxes(landmark_boxes(landmarks[..., :2]), numbers, settings.crop_mode, settings.crop_margin,
+                       settings.crop_shift_y, settings.crop_sigma)
+    Ks = crop_intrinsics(head.K, boxes, settings.image_size)
+    times.append(time.perf_counter())
+
+    images, masks = _read_crops(video, numbers, boxes, segmenter, settings)
+    if head.neck is not None:
+        masks = cut_below_neck(masks, head.vertices, Ks, head.neck)
+    times.append(time.perf_counter())
+
+    subject = _make_subject(video, name, settings, info, tracked, head, split, landmarks, boxes, Ks, images, masks, meta)
     write_subject_folder(subject, out, overwrite=overwrite)
-    np.savez(out / "expression_basis.npz", mean=pca.mean, basis=pca.basis, stds=pca.stds,
-             explained=pca.explained, whiten=pca.whiten)
-    sheet = save_video_contact_sheet(out / "contact_sheet.png", subject, canonical.edges(), settings.sheet_frames)
-    end = time.perf_counter()
+    for filename, arrays in head.files.items():
+        np.savez(out / filename, **arrays)
+    sheet = save_video_contact_sheet(out / "contact_sheet.png", subject, settings.sheet_frames, head.landmark_error_px)
+    times.append(time.perf_counter())
+    start, t_track, t_align, t_frames, end = times
     summary = {
-        "folder": str(out), "frames": T, "dropped": len(tracked.dropped), "train": len(train_ids),
-        "test": len(test_ids), "size": f"{settings.image_size}x{settings.image_size}", "vertices": V,
-        "expression_dim": pca.dim, "explained_variance": round(float(pca.explained.sum()), 4),
-        "track_s": round(t_track - start, 2), "align_s": round(t_align - t_track, 2),
+        "folder": str(out), "tracker": settings.tracker, "frames": T, "dropped": len(tracked.dropped),
+        "train": len(split[0]), "test": len(split[1]), "size": f"{settings.image_size}x{settings.image_size}",
+        "vertices": subject.num_vertices, "expression_dim": subject.expression_dim,
+        **({"landmark_error_px": round(float(head.landmark_error_px.mean()), 3)}
+           if head.landmark_error_px is not None else {}),
+        "track_s": round(t_track - start, 2), "fit_s": round(t_align - t_track, 2),
         "frames_s": round(t_frames - t_align, 2), "write_s": round(end - t_frames, 2),
         "total_s": round(end - start, 2), "contact_sheet": str(sheet),
     }
     if tracked.dropped:
         log.info("dropped %d frames without a face: %s", len(tracked.dropped), format_frames(tracked.dropped))
+    if subject.meta["landmark_outlier_frames"]:
+        log.warning("the fit could not follow the landmarks in frames %s (occlusion?)",
+                    format_frames(subject.meta["landmark_outlier_frames"]))
     log.info("wrote %s", summary)
     return summary
 
