@@ -11,6 +11,12 @@
   size. ``--source`` takes Hydra overrides of the ``data`` group of ``configs/train.yaml``
   composed on top of the run's own data config, e.g. ``data.generator.seed=1`` (the synthetic
   generator with another motion) or ``data=subject data.root=DIR``.
+* **Re-enactment** (``--reenact DIR`` or ``--blendshapes CSV``, avatars tracked with
+  ``video_preprocess.tracker=ict``): another ICT-tracked subject's expression weights, or a CSV of
+  ARKit blendshape weights (face-capture export columns), drive the trained avatar's own head in
+  the shared expression space, seen from its first test frame
+  (:mod:`headkit.data.video.reenact`). Writes ``reenact.mp4`` (rendering | driving frame) or
+  ``blendshapes.mp4``.
 * **Novel views** (always): the trained subject's test frames with the tracked mesh rotated
   about the head centre by a yaw sweep of ``±--max-yaw`` degrees (the paper rotates the
   FLAME vertices rather than its joint angles, which would leave the training range).
@@ -87,6 +93,23 @@ def retarget_frames(target: Subject, source: Subject, transfer_head_pose: bool =
         yield batch, source.images[t]
 
 
+def reenact_frames(target: Subject, root: Path, weights: np.ndarray,  # [N, E]
+                   references: np.ndarray | None = None,  # [N, H, W, 3] driving frames
+                   ) -> Iterator[tuple[dict, np.ndarray]]:
+    """``(batch, reference)``: the target's ICT head driven by ``weights`` at its first test pose."""
+    from headkit.data.video.reenact import reenacted_vertices
+    from headkit.data.video.trackers import read_head_model
+
+    anchor = int(target.test_ids[0])
+    pose = frame_head_poses(target)[anchor].float()
+    vertices = reenacted_vertices(read_head_model(root), weights, pose.double().numpy())
+    for t, verts in enumerate(vertices):
+        batch = _frame(target, anchor, vertices=torch.from_numpy(verts), head_pose=pose,
+                       expression=torch.from_numpy(weights[t]).float())
+        batch["index"] = torch.tensor([t])
+        yield batch, references[t] if references is not None else target.images[anchor]
+
+
 def novel_view_frames(subject: Subject, num_frames: int = 60, max_yaw_deg: float = 15.0) -> Iterator[tuple[dict, np.ndarray]]:
     """``(batch, test image)``: test frames (cycled) with the mesh turned by a yaw sweep about the head centre."""
     poses = frame_head_poses(subject).double()
@@ -129,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", nargs="*", default=None,
                    help="Hydra overrides of the driving subject's data config, e.g. data.generator.seed=1")
     p.add_argument("--no-head-pose", action="store_true", help="retarget the expression only")
+    p.add_argument("--reenact", help="another subject folder tracked with tracker=ict: its expression weights "
+                                     "drive this avatar (cross-identity re-enactment)")
+    p.add_argument("--blendshapes", help="CSV of ARKit blendshape weights (one row a frame) that drive this avatar")
     p.add_argument("--max-frames", type=int, default=120, help="driving frames to retarget")
     p.add_argument("--novel-views", type=int, default=60, help="frames of the novel-view sweep (0: none)")
     p.add_argument("--max-yaw", type=float, default=15.0,
@@ -147,6 +173,25 @@ def main(argv: list[str] | None = None) -> int:
         path, n = render_video(model, retarget_frames(subject, source, not args.no_head_pose, args.max_frames),
                                out / "retarget.mp4", source.fps)
         print(f"retargeting '{source.name}' -> '{subject.name}': {n} frames -> {path}")
+    root = Path(cfg.data.root)
+    if args.reenact:
+        from headkit.data.folder import load_subject_folder
+
+        driver = load_subject_folder(args.reenact)
+        n = min(driver.num_frames, args.max_frames)
+        path, n = render_video(model, reenact_frames(subject, root, driver.expressions[:n], driver.images[:n]),
+                               out / "reenact.mp4", driver.fps)
+        print(f"re-enactment '{driver.name}' -> '{subject.name}': {n} frames -> {path}")
+    if args.blendshapes:
+        from headkit.data.video.reenact import read_arkit_csv
+
+        names = subject.meta.get("expression_names")
+        if not names:
+            raise SubjectError(f"{root}: the avatar was not tracked with video_preprocess.tracker=ict "
+                               "(no expression_names in subject.json), so ARKit weights cannot drive it")
+        weights = read_arkit_csv(args.blendshapes, names)[: args.max_frames]
+        path, n = render_video(model, reenact_frames(subject, root, weights), out / "blendshapes.mp4", subject.fps)
+        print(f"blendshapes {args.blendshapes} -> '{subject.name}': {n} frames -> {path}")
     if args.novel_views > 0:
         path, n = render_video(model, novel_view_frames(subject, args.novel_views, args.max_yaw),
                                out / "novel_views.mp4", subject.fps)

@@ -87,6 +87,10 @@ def prepare_demo_video(cfg: DictConfig) -> dict[str, Any]:
     return {**summary, "fetch_s": round(fetched, 2), "total_s": round(time.perf_counter() - start, 2)}
 
 
+# What prepare_data raises for bad input (a missing or broken video, model file or kit, an invalid
+# setting, an existing output folder): scripts print these as one "error:" line.
+USER_ERRORS = (ValueError, OSError, ImportError)  # VideoError, HeadModelError, DownloadError, MissingExtraError
+
 SOURCES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "synthetic": prepare_synthetic,
     "video": prepare_video,

@@ -22,7 +22,7 @@ _ARRAY_FIELDS = ("neutral", "expressions", "identities", "faces", "uvs", "uv_fac
                  "vertex_ids", "landmark_vertices")
 
 
-class HeadModelError(Exception):
+class HeadModelError(ValueError):
     """A user-facing head-model problem; the message names the file or folder and what is wrong."""
 
 

@@ -236,8 +236,8 @@ def save_video_contact_sheet(path: Path, subject: Subject, num_frames: int,
         tiles.append(shade_mesh(subject.images[t], subject.vertices[t].astype(np.float64), subject.faces,
                                 subject.Ks[t].astype(np.float64)))
         tiles.append(tint_background(subject.images[t], subject.masks[t]))
-        error = f", {errors[t]:.1f} px" if errors is not None else ""
-        labels += [f"frame {numbers[k]} ({'test' if t in test else 'train'}{error})", "mask"]
+        error = f" {errors[t]:.1f}px" if errors is not None else ""
+        labels += [f"{numbers[k]} {'test' if t in test else 'train'}{error}", "mask"]
     save_contact_sheet(path, np.stack(tiles), cols=6, labels=labels)
     return path
 
