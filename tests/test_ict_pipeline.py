@@ -136,3 +136,29 @@ def test_ict_pipeline_on_a_real_clip_with_the_real_models(tmp_path, mediapipe_mo
     # MediaPipe's smile scores initialise the fit: names reach the subject.
     assert len(s.meta["expression_names"]) == s.expression_dim
     assert (s.masks > 0).any()
+
+
+def test_arkit_csv_drives_the_kit_shapes(tmp_path):
+    from headkit.data.video.reenact import ReenactError, read_arkit_csv, reenacted_vertices
+
+    names = ["browInnerUp_L", "browInnerUp_R", "eyeBlink_L", "eyeBlink_R", "jawOpen"]
+    path = tmp_path / "capture.csv"
+    path.write_text("Timecode,BlendShapeCount,EyeBlinkLeft,EyeBlinkRight,JawOpen,BrowInnerUp,HeadYaw\n"
+                    "00:00:00:00.000,52,0.5,0.25,0.75,0.2,0.1\n00:00:00:01.000,52,0,0,1,0,0\n")
+    weights = read_arkit_csv(path, names)
+    np.testing.assert_allclose(weights, [[0.2, 0.2, 0.5, 0.25, 0.75], [0, 0, 0, 0, 1]])
+    head = {"template": np.zeros((4, 3), np.float32), "expressions": np.zeros((5, 4, 3), np.float32)}
+    head["expressions"][4, :, 1] = 0.01  # jawOpen moves every vertex 1 cm down
+    pose = np.eye(4)
+    pose[:3, 3] = [0, 0, 1]
+    verts = reenacted_vertices(head, weights, pose)
+    np.testing.assert_allclose(verts[1], [[0, 0.01, 1]] * 4, atol=1e-7)
+    with pytest.raises(ReenactError, match="3 expressions.*5"):
+        reenacted_vertices(head, weights[:, :3], pose)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Timecode,HeadYaw\n0,0\n")
+    with pytest.raises(ReenactError, match=r"bad\.csv: no ARKit blendshape column"):
+        read_arkit_csv(bad, names)
+    bad.write_text("JawOpen\nhalf\n")
+    with pytest.raises(ReenactError, match=r"bad\.csv: row 2"):
+        read_arkit_csv(bad, names)
