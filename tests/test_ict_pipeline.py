@@ -162,3 +162,11 @@ def test_arkit_csv_drives_the_kit_shapes(tmp_path):
     bad.write_text("JawOpen\nhalf\n")
     with pytest.raises(ReenactError, match=r"bad\.csv: row 2"):
         read_arkit_csv(bad, names)
+
+
+def test_udim_tiles_are_packed_into_the_unit_square():
+    from headkit.data.video.trackers import unit_square_uvs
+
+    uvs = np.array([[0.2, 0.5], [1.9, 0.99], [0.0, 0.0]], np.float32)  # the kit: face in tile 1, head in 2
+    np.testing.assert_allclose(unit_square_uvs(uvs), [[0.1, 0.5], [0.95, 0.99], [0.0, 0.0]])
+    np.testing.assert_allclose(unit_square_uvs(uvs[[0, 2]]), uvs[[0, 2]])  # one tile: unchanged

@@ -74,6 +74,13 @@ class MediaPipeMeshTracker:
                                             "explained": pca.explained, "whiten": np.asarray(pca.whiten)}})
 
 
+def unit_square_uvs(uvs: np.ndarray) -> np.ndarray:  # [U, 2] -> [U, 2]
+    """UDIM tiles side by side squeezed into [0, 1]^2: ``u / n`` for ``n`` tiles along ``u`` (the ICT
+    kit puts the face in tile 1001 and scalp, ears and neck in tile 1002), ``v`` likewise."""
+    tiles = np.maximum(np.ceil(uvs.max(0)), 1.0)
+    return (uvs / tiles).astype(np.float32)
+
+
 def load_head_model(settings):
     """The ICT head model the settings name (kit resolved by config > env > data dir > download)."""
     from ...headmodel import load_ict_face_model, resolve_ict_kit
@@ -109,7 +116,8 @@ class IctTracker:
         error = track.residual_px.mean(1)
         return HeadTrack(
             vertices=posed_vertices(model, track), head_poses=track.head_poses, template=template,
-            faces=model.faces, uvs=model.uvs, uv_faces=model.uv_faces, expressions=track.expressions, K=K_fit,
+            faces=model.faces, uvs=unit_square_uvs(model.uvs), uv_faces=model.uv_faces,
+            expressions=track.expressions, K=K_fit,
             expression_names=list(model.expression_names), neck=self.neck, landmark_error_px=error,
             meta={"topology": model.source, "head_regions": list(model.regions),
                   "units": "metres (the kit's head size, scaled by the fitted identity)",
