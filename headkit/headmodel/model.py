@@ -130,22 +130,12 @@ def _check_coefficients(coeffs: np.ndarray,  # [n] or [T, n]
 
 
 def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` to a hidden temp file beside ``path``, then ``os.replace`` it into place.
+    """``np.savez`` through :func:`headkit.engine.files.atomic_open` (temp file, fsync, rename)."""
+    from ..engine.files import atomic_open
 
-    Kept here rather than using ``headkit.engine.files`` so that this numpy-only package does
-    not import torch and the run engine.
-    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
 
 
 def read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

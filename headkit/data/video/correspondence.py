@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...headmodel.model import atomic_save_npz
 from .align import umeyama
 
 log = logging.getLogger(__name__)
@@ -205,9 +206,6 @@ def load_or_register(canonical: np.ndarray,  # [L, 3]
     if corr is None:
         corr = register_canonical_face(canonical, model)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-            np.savez(tmp, faces=corr.faces, weights=corr.weights, residual_mm=corr.residual_mm)
-            os.replace(tmp, path)
+            atomic_save_npz(path, {"faces": corr.faces, "weights": corr.weights, "residual_mm": corr.residual_mm})
     log.info("landmark correspondence residual: %s", corr.summary())
     return corr

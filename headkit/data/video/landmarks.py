@@ -95,6 +95,16 @@ def _blendshape_scores(categories, task_path) -> np.ndarray:  # -> [51]
     return np.array([c.score for c in categories], np.float32)
 
 
+def _create(task, options, path, what: str):
+    """``task.create_from_options(options)``; a model file MediaPipe cannot load is a
+    :class:`VideoError` naming it."""
+    try:
+        return task.create_from_options(options)
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise VideoError(f"{path}: MediaPipe cannot load this {what} ({type(exc).__name__}: {first})") from exc
+
+
 class FaceLandmarker:
     """MediaPipe Tasks face landmarker in video mode:
     ``landmarker(frame [H, W, 3] uint8 RGB, timestamp_ms) -> list[FaceObservation]``.
@@ -118,11 +128,7 @@ class FaceLandmarker:
             min_face_presence_confidence=float(min_face_presence_confidence),
             min_tracking_confidence=float(min_tracking_confidence),
             output_face_blendshapes=True, output_facial_transformation_matrixes=True)
-        try:
-            self.landmarker = vision.FaceLandmarker.create_from_options(options)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise VideoError(f"{task_path}: MediaPipe cannot load this face landmarker model "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        self.landmarker = _create(vision.FaceLandmarker, options, task_path, "face landmarker model")
 
     def _next_timestamp(self, timestamp_ms: int | None) -> int:
         """``timestamp_ms``, or the previous timestamp + 1 when it is None or not larger."""
@@ -165,11 +171,7 @@ class Segmenter:
         options = vision.ImageSegmenterOptions(
             base_options=BaseOptions(model_asset_path=str(model_path)), running_mode=vision.RunningMode.IMAGE,
             output_confidence_masks=True, output_category_mask=False)
-        try:
-            self.segmenter = vision.ImageSegmenter.create_from_options(options)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise VideoError(f"{model_path}: MediaPipe cannot load this segmentation model "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        self.segmenter = _create(vision.ImageSegmenter, options, model_path, "segmentation model")
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:  # frame: [H, W, 3] uint8 RGB -> [H, W]
         masks = self.segmenter.segment(_mp_image(self.mp, frame)).confidence_masks or []
