@@ -7,7 +7,6 @@ checked against exact ground truth; the real kit is used when ``HEADKIT_ICT_FACE
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +18,7 @@ from headkit.data.video.correspondence import (NAMED_PAIRS, Correspondence, clos
 from headkit.data.video.head_mask import boundary_loops, cut_heights, neck_cut_mask, neck_loop
 from headkit.data.video.ict_fit import IctFitSettings, blendshape_init, fit_ict_clip, posed_vertices
 from headkit.mesh import icosphere
+from tests.test_headmodel import _real_kit
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
@@ -207,11 +207,11 @@ def test_neck_cut_clears_pixels_below_the_line():
     assert cut[23, 30] == 255 and cut[23, 5] == 0
 
 
-@pytest.mark.skipif(not os.environ.get("HEADKIT_ICT_FACEKIT"), reason="HEADKIT_ICT_FACEKIT (the real kit) not set")
+@pytest.mark.skipif(_real_kit() is None, reason="the ICT-FaceKit FaceXModel folder is not here")
 def test_fit_on_the_real_kit_recovers_a_synthesised_clip(tmp_path):
     from headkit.headmodel import load_ict_face_model
 
-    model = load_ict_face_model(os.environ["HEADKIT_ICT_FACEKIT"], num_identities=10, cache_dir=tmp_path,
+    model = load_ict_face_model(_real_kit(), num_identities=10, cache_dir=tmp_path,
                                 progress=False)
     rng = np.random.default_rng(0)
     front = np.flatnonzero(model.neutral[:, 2] < np.percentile(model.neutral[:, 2], 30))
