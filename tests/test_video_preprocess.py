@@ -486,3 +486,14 @@ def test_mediapipe_pipeline_on_a_short_real_clip(tmp_path, mediapipe_models):  #
     centre = s.extras["landmarks"][:, 1].round().astype(int)  # landmark 1: nose tip
     assert all(s.masks[t, centre[t, 1], centre[t, 0]] == 255 for t in range(8))
     assert 0.2 < s.masks.mean() / 255 < 0.95
+
+
+def test_crops_stay_inside_the_frame():
+    from headkit.data.video.crop import inside_frame
+
+    boxes = np.array([[-50, -30, 400], [600, 100, 100], [10, 20, 50]])
+    out = inside_frame(boxes, 640, 360)
+    np.testing.assert_array_equal(out[:, 2], [360, 100, 50])
+    assert (out[:, :2] >= 0).all() and (out[:, 0] + out[:, 2] <= 640).all() and (out[:, 1] + out[:, 2] <= 360).all()
+    np.testing.assert_array_equal(out[2], boxes[2])  # already inside: unchanged
+    np.testing.assert_array_equal(out[0], [0, 0, 360])  # shrunk to the height, moved into the corner

@@ -50,6 +50,19 @@ def crop_boxes(bboxes: np.ndarray,  # [T, 4] landmark boxes
     return np.concatenate([corners, sides[:, None]], -1)
 
 
+def inside_frame(boxes: np.ndarray,  # [T, 3] (x0, y0, side)
+                 width: int, height: int) -> np.ndarray:  # -> [T, 3]
+    """The boxes shrunk to fit the frame (side at most ``min(width, height)``, same centre) and
+    moved inside it. Pixels beyond the frame have no ground truth: padded and masked as
+    background, they would teach an avatar to erase the chin wherever the head nears an edge."""
+    sides = np.minimum(boxes[:, 2], min(width, height))
+    centres = boxes[:, :2] + boxes[:, 2:3] / 2.0
+    corners = np.round(centres - sides[:, None] / 2.0).astype(np.int64)
+    corners[:, 0] = np.clip(corners[:, 0], 0, width - sides)
+    corners[:, 1] = np.clip(corners[:, 1], 0, height - sides)
+    return np.concatenate([corners, sides[:, None]], -1)
+
+
 def crop_intrinsics(K: np.ndarray,  # [3, 3] of the full frame
                     boxes: np.ndarray,  # [T, 3] (x0, y0, side)
                     size: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from ..contact_sheet import save_contact_sheet
 from ..folder import write_subject_folder
 from ..subject import Subject, holdout_split
 from .align import ROBUST_LOSSES, align_frames, fit_head_poses, focal_from_fov, lift_landmarks, to_head_space
-from .crop import CROP_MODES, crop_boxes, crop_frame, crop_intrinsics, landmark_boxes, resize_square
+from .crop import CROP_MODES, crop_boxes, crop_frame, crop_intrinsics, inside_frame, landmark_boxes, resize_square
 from .landmarks import TrackedVideo, track_video
 from .mesh_topology import CanonicalFace
 from .model_files import KNOWN_SEGMENTER_SHA256, face_landmarker_path, is_sha256, selfie_segmenter_path
@@ -74,6 +74,7 @@ class VideoSettings:
     crop_margin: float = 1.6
     crop_shift_y: float = -0.1
     crop_sigma: float = 3.0
+    crop_inside: bool = True
     image_size: int = 256
     mask_threshold: float | None = 0.5
     segmenter_model: str | None = None
@@ -322,6 +323,8 @@ def _preprocess(video: Path, out: Path, settings: VideoSettings, info, tracked: 
     head = fitter(landmarks, tracked, split[0], full_frame_intrinsics(info.width, info.height, settings))
     boxes = crop_boxes(landmark_boxes(landmarks[..., :2]), numbers, settings.crop_mode, settings.crop_margin,
                        settings.crop_shift_y, settings.crop_sigma)
+    if settings.crop_inside:
+        boxes = inside_frame(boxes, info.width, info.height)
     Ks = crop_intrinsics(head.K, boxes, settings.image_size)
     times.append(time.perf_counter())
 
