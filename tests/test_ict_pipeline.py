@@ -54,10 +54,11 @@ class SyntheticHeadTracker:
         return [np.concatenate([self.landmarks[t], self.landmarks[t, :10]])]
 
 
-def test_ict_pipeline_writes_the_full_head_subject(tmp_path):
+def write_ict_subject(tmp_path, frames: int = 10):
+    """The synthetic head's clip through ``preprocess_video`` with ``tracker=ict``: ``(head, truth)``."""
     head, ids = open_head()
-    landmarks, truth, K = synthesise_clip(head, ids, T=10, focal=500.0, size=(320, 240))
-    video = write_clip(tmp_path / "clip.mp4", 10, 320, 240)
+    landmarks, truth, K = synthesise_clip(head, ids, T=frames, focal=500.0, size=(320, 240))
+    video = write_clip(tmp_path / "clip.mp4", frames, 320, 240)
     canonical = CanonicalFace(vertices=head.neutral[ids].astype(np.float64),
                               faces=Delaunay(head.neutral[ids, :2]).simplices.astype(np.int64),
                               uvs=np.zeros((468, 2), np.float32), source="test")
@@ -68,6 +69,31 @@ def test_ict_pipeline_writes_the_full_head_subject(tmp_path):
                                       "joint_steps": 400, "lr": 0.02})
     summary = preprocess_video(video, tmp_path / "out", canonical, settings, tracker=SyntheticHeadTracker(landmarks),
                                segmenter=lambda crop: np.ones(crop.shape[:2], np.float32), head_model=head)
+    return head, truth, summary
+
+
+def test_reenactment_poses_the_targets_head_with_the_driving_weights(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    head, _, _ = write_ict_subject(tmp_path, frames=6)
+    subject = load_subject_folder(tmp_path / "out")
+    spec = importlib.util.spec_from_file_location("_render", Path(__file__).resolve().parents[1] / "scripts" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    weights = np.zeros((3, len(head.expression_names)), np.float32)
+    weights[1, 2] = 1.0
+    frames = list(render.reenact_frames(subject, tmp_path / "out", weights))
+    assert len(frames) == 3
+    pose = subject.head_poses[int(subject.test_ids[0])].astype(np.float64)
+    local = subject.template_vertices + head.expressions[2]  # the target's head, shape 2 at full weight
+    expected = local @ pose[:3, :3].T + pose[:3, 3]
+    np.testing.assert_allclose(frames[1][0]["vertices"][0].numpy(), expected, atol=1e-4)  # float16 basis
+    np.testing.assert_allclose(frames[1][0]["expression"][0].numpy(), weights[1])
+
+
+def test_ict_pipeline_writes_the_full_head_subject(tmp_path):
+    head, truth, summary = write_ict_subject(tmp_path)
     s = load_subject_folder(tmp_path / "out")
     assert summary["tracker"] == "ict" and summary["landmark_error_px"] < 2.0  # registration slides points ~1 mm
     assert s.num_vertices == len(head.neutral) and np.array_equal(s.faces, head.faces)
