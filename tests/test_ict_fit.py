@@ -230,3 +230,12 @@ def test_fit_on_the_real_kit_recovers_a_synthesised_clip(tmp_path):
     # coefficients are not all identifiable (0.08 mean error here); the shape they make is.
     assert np.abs(fit.expressions - truth.expressions).mean() < 0.1
     assert fit.residual_px.mean() < 0.5
+
+
+def test_neck_cut_has_no_gaps_along_long_edges():
+    # A wide loop of few vertices (a neck seen large): its front edge spans 200 columns.
+    points = np.array([[20.0, 100.0], [220.0, 110.0], [200.0, 60.0], [40.0, 60.0]])
+    edges = np.array([[0, 1], [1, 2], [2, 3], [3, 0]])
+    heights = cut_heights(points, edges, 240)
+    front = 100.0 + (np.arange(20, 221) - 20) * 10.0 / 200.0
+    np.testing.assert_allclose(heights[20:221], front, atol=0.1)  # every column on the front edge

@@ -47,9 +47,12 @@ def neck_loop(faces: np.ndarray,  # [F, 3]
 
 def cut_heights(points: np.ndarray,  # [N, 2] pixel positions of the loop's vertices
                 edges: np.ndarray,  # [M, 2] indices into points
-                width: int, samples: int = 8) -> np.ndarray:  # -> [width]
-    """The cut line: per image column the lowest (largest ``y``) point of the projected loop,
-    edges sampled ``samples`` times; columns outside the loop take its nearest end's height."""
+                width: int) -> np.ndarray:  # -> [width]
+    """The cut line: per image column the lowest (largest ``y``) point of the projected loop;
+    columns outside the loop take its nearest end's height. Every edge is sampled at least once
+    per pixel column it spans, so no column sees only the loop's far (upper) side."""
+    span = np.abs(points[edges[:, 0], 0] - points[edges[:, 1], 0]).max() if len(edges) else 0.0
+    samples = int(np.ceil(min(span, 4 * width))) + 2
     t = np.linspace(0.0, 1.0, samples)[None, :, None]
     dense = (points[edges[:, 0]][:, None] * (1 - t) + points[edges[:, 1]][:, None] * t).reshape(-1, 2)
     cols = np.round(dense[:, 0]).astype(np.int64)
