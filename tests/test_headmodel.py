@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 import types
 import zipfile
@@ -292,13 +291,9 @@ def test_resolve_order(kit, tmp_path, monkeypatch):
 
 def _patch_download(monkeypatch, fake):
     """Route headkit.download.download_file to ``fake``; returns the DownloadError class."""
-    try:
-        import headkit.download as download
-    except ImportError:  # written in parallel; a stand-in with the agreed interface
-        download = types.ModuleType("headkit.download")
-        download.DownloadError = type("DownloadError", (Exception,), {})
-        monkeypatch.setitem(sys.modules, "headkit.download", download)
-    monkeypatch.setattr(download, "download_file", fake, raising=False)
+    import headkit.download as download
+
+    monkeypatch.setattr(download, "download_file", fake)
     return download.DownloadError
 
 

@@ -403,11 +403,9 @@ def _extract_kit(zip_path: Path, root: Path) -> Path:
 
 def _download_kit(data_dir: Path, places: list[str]) -> Path:
     """Download the pinned ICT-FaceKit zip into ``data_dir`` and keep only its FaceXModel."""
+    from headkit.download import DownloadError, download_file
+
     url = f"https://codeload.github.com/{ICT_REPOSITORY}/zip/{ICT_COMMIT}"
-    try:
-        from headkit.download import DownloadError, download_file
-    except ImportError as exc:
-        raise _not_found(places, f"downloads are unavailable ({exc})") from exc
     zip_path = data_dir / "ICT-FaceKit.zip"
     log.info("downloading the ICT Face Model kit from %s", url)
     try:

@@ -1,31 +1,8 @@
-"""Drawing the tracked mesh over frames, for the contact sheet a person checks."""
+"""Drawing the tracked mesh and masks over frames, for the contact sheet a person checks."""
 
 from __future__ import annotations
 
 import numpy as np
-
-
-def draw_wireframe(image: np.ndarray,  # [H, W, 3] uint8
-                   pixels: np.ndarray,  # [V, 2] (u, v), pixel centres at +0.5
-                   edges: np.ndarray,  # [E, 2] vertex indices
-                   points: np.ndarray | None = None,  # [P, 2] extra landmarks drawn as dots
-                   colour: tuple[int, int, int] = (60, 255, 60),
-                   point_colour: tuple[int, int, int] = (255, 60, 60),
-                   opacity: float = 0.6) -> np.ndarray:
-    """Return a copy of ``image`` with the mesh edges drawn as 1-px lines blended at ``opacity``,
-    and ``points`` as small dots."""
-    from PIL import Image, ImageDraw
-
-    base = Image.fromarray(np.ascontiguousarray(image))
-    layer = base.copy()
-    draw = ImageDraw.Draw(layer)
-    xy = pixels - 0.5  # PIL draws pixel (i, j) at integer coordinates (j, i)
-    for a, b in edges:
-        draw.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=1)
-    if points is not None:
-        for x, y in points - 0.5:
-            draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=point_colour)
-    return np.asarray(Image.blend(base, layer, opacity)).copy()
 
 
 def tint_background(image: np.ndarray,  # [H, W, 3] uint8
