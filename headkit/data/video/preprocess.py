@@ -28,20 +28,19 @@ import numpy as np
 from ..contact_sheet import save_contact_sheet
 from ..folder import write_subject_folder
 from ..subject import Subject, holdout_split
-from .align import ROBUST_LOSSES, align_frames, fit_head_poses, focal_from_fov, lift_landmarks, to_head_space
+from .align import ROBUST_LOSSES, focal_from_fov
 from .crop import CROP_MODES, crop_boxes, crop_frame, crop_intrinsics, inside_frame, landmark_boxes, resize_square
-from .landmarks import TrackedVideo, track_video
-from .mesh_topology import CanonicalFace
-from .model_files import KNOWN_SEGMENTER_SHA256, face_landmarker_path, is_sha256, selfie_segmenter_path
-from .overlay import shade_mesh, tint_background
-from .reader import VideoError, iter_frames, probe_video
-from .smoothing import gaussian_smooth, smooth_poses
 from .head_mask import neck_cut_mask
 from .ict_fit import IctFitSettings
+from .landmarks import TrackedVideo, track_video
+from .mesh_topology import CanonicalFace
+from .model_files import KEY, KNOWN_SEGMENTER_SHA256, face_landmarker_path, is_sha256, selfie_segmenter_path
+from .overlay import shade_mesh, tint_background
+from .reader import VideoError, iter_frames, probe_video
+from .smoothing import gaussian_smooth
 from .trackers import TRACKERS, HeadTrack, make_tracker
 
 log = logging.getLogger(__name__)
-KEY = "video_preprocess"
 CONFIDENCE_KEYS = ("min_face_detection_confidence", "min_face_presence_confidence", "min_tracking_confidence")
 
 
@@ -146,33 +145,6 @@ def full_frame_intrinsics(width: int, height: int, settings: VideoSettings) -> n
     longer side, square pixels, principal point at the image centre."""
     f = settings.focal_px or focal_from_fov(settings.fov_deg, width, height)
     return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
-
-
-def fit_head_track(landmarks: np.ndarray,  # [T, V, 3] pixel units (smoothed)
-                   frame_numbers: np.ndarray,  # [T]
-                   train_ids: np.ndarray,  # [N]
-                   canonical: CanonicalFace, K: np.ndarray,  # [3, 3]
-                   settings: VideoSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lifted vertices, head poses and the subject's template.
-
-    Per pass: weak-perspective robust similarity to the reference (its scale and centroid,
-    smoothed over time, fix each frame's depth), 3D lifting, then a robust rigid fit of the
-    reference to the lifted points (the head pose, smoothed). Pass 1 uses the generic canonical
-    face; the mean head-space shape of the training frames (the subject's own face, in the
-    canonical frame) replaces it for pass 2, so the subject's identity no longer biases the poses.
-    Returns ``vertices [T, V, 3]`` (world), ``head_poses [T, 4, 4]``, ``template [V, 3]``.
-    """
-    reference = canonical.vertices
-    loss, iterations, sigma = settings.robust_loss, settings.robust_iterations, settings.pose_sigma
-    for _ in range(2):
-        scales, rotations, translations = align_frames(landmarks, reference, loss, iterations)
-        anchors = scales[:, None] * (rotations @ reference.mean(0)) + translations  # fitted centroids [T, 3]
-        scales = np.exp(gaussian_smooth(np.log(scales), frame_numbers, sigma))
-        anchors = gaussian_smooth(anchors, frame_numbers, sigma)
-        vertices = lift_landmarks(landmarks, scales, anchors, K)
-        head_poses = smooth_poses(fit_head_poses(vertices, reference, loss, iterations), frame_numbers, sigma)
-        reference = to_head_space(vertices, head_poses)[train_ids].mean(0)
-    return vertices, head_poses, reference
 
 
 def _read_crops(video, frame_numbers, boxes, segmenter, settings) -> tuple[np.ndarray, np.ndarray]:

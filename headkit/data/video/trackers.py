@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from .align import to_head_space
+from .align import align_frames, fit_head_poses, lift_landmarks, to_head_space
 from .expressions import fit_expression_pca
 from .landmarks import TrackedVideo
 from .mesh_topology import CanonicalFace
+from .model_files import KEY
+from .smoothing import gaussian_smooth, smooth_poses
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,33 @@ class HeadTrack:
     files: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # extra .npz files to write
 
 
+def fit_head_track(landmarks: np.ndarray,  # [T, V, 3] pixel units (smoothed)
+                   frame_numbers: np.ndarray,  # [T]
+                   train_ids: np.ndarray,  # [N]
+                   canonical: CanonicalFace, K: np.ndarray,  # [3, 3]
+                   settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lifted vertices, head poses and the subject's template.
+
+    Per pass: weak-perspective robust similarity to the reference (its scale and centroid,
+    smoothed over time, fix each frame's depth), 3D lifting, then a robust rigid fit of the
+    reference to the lifted points (the head pose, smoothed). Pass 1 uses the generic canonical
+    face; the mean head-space shape of the training frames (the subject's own face, in the
+    canonical frame) replaces it for pass 2, so the subject's identity no longer biases the poses.
+    Returns ``vertices [T, V, 3]`` (world), ``head_poses [T, 4, 4]``, ``template [V, 3]``.
+    """
+    reference = canonical.vertices
+    loss, iterations, sigma = settings.robust_loss, settings.robust_iterations, settings.pose_sigma
+    for _ in range(2):
+        scales, rotations, translations = align_frames(landmarks, reference, loss, iterations)
+        anchors = scales[:, None] * (rotations @ reference.mean(0)) + translations  # fitted centroids [T, 3]
+        scales = np.exp(gaussian_smooth(np.log(scales), frame_numbers, sigma))
+        anchors = gaussian_smooth(anchors, frame_numbers, sigma)
+        vertices = lift_landmarks(landmarks, scales, anchors, K)
+        head_poses = smooth_poses(fit_head_poses(vertices, reference, loss, iterations), frame_numbers, sigma)
+        reference = to_head_space(vertices, head_poses)[train_ids].mean(0)
+    return vertices, head_poses, reference
+
+
 class MediaPipeMeshTracker:
     """``tracker: mediapipe_mesh``: the canonical face's topology, lifted landmarks, PCA expressions."""
 
@@ -56,8 +85,6 @@ class MediaPipeMeshTracker:
 
     def __call__(self, landmarks: np.ndarray,  # [T, L, 3] pixel units, smoothed
                  tracked: TrackedVideo, train_ids: np.ndarray, K: np.ndarray) -> HeadTrack:
-        from .preprocess import KEY, fit_head_track
-
         s, V = self.settings, self.canonical.num_vertices
         vertices, head_poses, template = fit_head_track(landmarks[:, :V], tracked.frame_numbers, train_ids,
                                                         self.canonical, K, s)
