@@ -48,17 +48,21 @@ def _progress_bar(total: int | None, desc: str):
     return progress(iter(()), desc=desc, total=total, unit="B", unit_scale=True, unit_divisor=1024)
 
 
-def _stream(url: str, part: Path, desc: str, size_hint: int | None) -> None:
-    """Copy ``url`` into ``part`` chunk by chunk with a progress bar."""
+def _stream(url: str, part: Path, desc: str, size_hint: int | None) -> str:
+    """Copy ``url`` into ``part`` chunk by chunk with a progress bar; return the bytes' SHA-256
+    (hashed on the way, so a large download is not read a second time)."""
+    digest = hashlib.sha256()
     with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, open(part, "wb") as out:
         length = response.headers.get("Content-Length")
         bar = _progress_bar(int(length) if length else size_hint, desc)
         try:
             for chunk in iter(lambda: response.read(CHUNK), b""):
                 out.write(chunk)
+                digest.update(chunk)
                 bar.update(len(chunk))
         finally:
             bar.close()
+    return digest.hexdigest()
 
 
 def download_file(url: str, dest: str | os.PathLike, sha256: str | None = None, desc: str = "",
@@ -75,16 +79,14 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str | None = None, 
     part = dest.with_name(f".{dest.name}.part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _stream(url, part, desc or dest.name, size_hint)
+        found = _stream(url, part, desc or dest.name, size_hint)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         part.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc
         raise DownloadError(f"cannot download {url} to {dest} ({type(exc).__name__}: {reason})") from exc
-    if sha256 is not None:
-        found = sha256_of(part)
-        if found != sha256.lower():
-            part.unlink(missing_ok=True)
-            raise DownloadError(f"downloaded {url} to {dest} with the wrong SHA-256 "
-                                f"(expected {sha256.lower()}, found {found}); the partial file was deleted")
+    if sha256 is not None and found != sha256.lower():
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"downloaded {url} to {dest} with the wrong SHA-256 "
+                            f"(expected {sha256.lower()}, found {found}); the partial file was deleted")
     os.replace(part, dest)
     return dest

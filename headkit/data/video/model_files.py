@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...download import DownloadError, download_file, sha256_of
+from ...download import DownloadError, check_sha256, download_file, sha256_of
 from .reader import VideoError
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,11 @@ def _how_to_get(model: ModelFile, cache_file: Path) -> str:
 def _verify(path: Path, expected: str | None, model: ModelFile, origin: str, advice: str) -> Path:
     """Return ``path`` when its SHA-256 is ``expected`` (or ``expected`` is None); else raise
     :class:`ModelFileError` naming the file, its origin, both digests and ``advice``."""
-    if expected is None:
-        return path
-    found = sha256_of(path)
-    if found != expected.lower():
-        raise ModelFileError(f"{path}: {model.what} ({origin}) has the wrong SHA-256 "
-                             f"(expected {expected.lower()}, found {found}); {advice}")
+    if expected is not None:
+        try:
+            check_sha256(path, expected, f"{model.what} ({origin})")
+        except DownloadError as exc:
+            raise ModelFileError(f"{exc}; {advice}") from exc
     return path
 
 
