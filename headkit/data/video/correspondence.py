@@ -47,6 +47,14 @@ NAMED_PAIRS = (
 CORRESPONDENCE_VERSION = 1
 
 
+def surface_points(vertices: np.ndarray,  # [..., V, 3] a mesh or basis deltas
+                   faces: np.ndarray,  # [L, 3] vertex ids of each point's triangle
+                   weights: np.ndarray,  # [L, 3] barycentric weights
+                   ) -> np.ndarray:  # -> [..., L, 3]
+    """Points given by triangles and barycentric weights, on a mesh or any of its deltas."""
+    return np.einsum("...lkc,lk->...lc", vertices[..., faces, :], weights)
+
+
 @dataclass
 class Correspondence:
     """Each MediaPipe canonical vertex as a point on the head model's surface.
@@ -68,8 +76,7 @@ class Correspondence:
 
     def gather(self, vertices: np.ndarray) -> np.ndarray:  # [..., V, 3] -> [..., L, 3]
         """The corresponding points of a mesh (or of basis deltas, which interpolate the same way)."""
-        corners = vertices[..., self.faces, :]  # [..., L, 3, 3]
-        return np.einsum("...lkc,lk->...lc", corners, self.weights)
+        return surface_points(vertices, self.faces, self.weights)
 
     def summary(self) -> dict[str, float]:
         """Mean, median and maximum residual in millimetres."""
@@ -141,10 +148,10 @@ def _solve_shape(model, faces: np.ndarray, weights: np.ndarray, targets: np.ndar
     surface points ``(faces, weights)`` best match ``targets``."""
     from scipy.optimize import lsq_linear
 
-    corr = Correspondence(faces, weights, np.zeros(len(faces)))
-    base = corr.gather(model.neutral)  # [L, 3]
-    E = corr.gather(model.expressions).reshape(model.expressions.shape[0], -1).T  # [3L, E]
-    Iden = corr.gather(model.identities[:num_identities]).reshape(num_identities, -1).T  # [3L, K]
+    base = surface_points(model.neutral, faces, weights)  # [L, 3]
+    E = surface_points(model.expressions, faces, weights).reshape(len(model.expressions), -1).T  # [3L, E]
+    Iden = surface_points(model.identities[:num_identities], faces, weights)
+    Iden = Iden.reshape(num_identities, -1).T  # [3L, K]
     A = np.concatenate([Iden, E], 1)
     reg = np.concatenate([np.full(num_identities, identity_reg), np.full(E.shape[1], 1e-4)])
     A = np.concatenate([A, np.diag(np.sqrt(reg))], 0)
@@ -177,7 +184,7 @@ def register_canonical_face(canonical: np.ndarray,  # [L, 3] MediaPipe canonical
         tri = model.faces[fids]
         ident, expr = _solve_shape(model, tri, bary, moved, K, identity_reg)
         mesh = model.neutral + np.tensordot(ident, model.identities[:K], 1) + np.tensordot(expr, model.expressions, 1)
-        s, R, t = umeyama(canonical, Correspondence(tri, bary, np.zeros(len(tri))).gather(mesh))
+        s, R, t = umeyama(canonical, surface_points(mesh, tri, bary))
     moved = s * canonical @ R.T + t
     fids, bary, dist = closest_points_on_mesh(moved, mesh, model.faces)
     return Correspondence(model.faces[fids].astype(np.int64), bary.astype(np.float32),

@@ -12,14 +12,19 @@ from __future__ import annotations
 import numpy as np
 
 
+def boundary_edges(faces: np.ndarray) -> np.ndarray:  # [F, 3] -> [B, 2]
+    """Edges used by exactly one triangle, as sorted vertex pairs."""
+    pairs = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), 1)
+    unique, counts = np.unique(pairs, axis=0, return_counts=True)
+    return unique[counts == 1]
+
+
 def boundary_loops(faces: np.ndarray, num_vertices: int) -> list[np.ndarray]:  # [F, 3] -> vertex ids per loop
     """Vertex ids of each connected chain of boundary edges (edges used by one triangle)."""
     import scipy.sparse as sp
     from scipy.sparse.csgraph import connected_components
 
-    pairs = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), 1)
-    unique, counts = np.unique(pairs, axis=0, return_counts=True)
-    edges = unique[counts == 1]
+    edges = boundary_edges(faces)
     if not len(edges):
         return []
     graph = sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(num_vertices, num_vertices))
@@ -31,18 +36,16 @@ def boundary_loops(faces: np.ndarray, num_vertices: int) -> list[np.ndarray]:  #
 def neck_loop(faces: np.ndarray,  # [F, 3]
               vertices: np.ndarray,  # [V, 3] head coordinates (y down)
               ) -> tuple[np.ndarray, np.ndarray]:
-    """The boundary loop lowest on the head (largest mean ``y``): its vertex ids in order around
-    the loop ``[N]`` and the loop's edges ``[N, 2]``. Raises ``ValueError`` for a closed mesh."""
+    """The boundary loop lowest on the head (largest mean ``y``): its vertex ids ``[N]`` (sorted)
+    and the loop's edges ``[N, 2]``. Raises ``ValueError`` for a closed mesh."""
     loops = boundary_loops(faces, len(vertices))
     if not loops:
         raise ValueError("the head mesh has no boundary, so it has no neck cut")
     ids = max(loops, key=lambda vs: float(vertices[vs, 1].mean()))
     member = np.zeros(len(vertices), bool)
     member[ids] = True
-    pairs = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), 1)
-    unique, counts = np.unique(pairs, axis=0, return_counts=True)
-    edges = unique[(counts == 1) & member[unique[:, 0]] & member[unique[:, 1]]]
-    return ids, edges
+    edges = boundary_edges(faces)
+    return ids, edges[member[edges[:, 0]] & member[edges[:, 1]]]
 
 
 def cut_heights(points: np.ndarray,  # [N, 2] pixel positions of the loop's vertices
