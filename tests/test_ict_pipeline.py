@@ -54,8 +54,9 @@ class SyntheticHeadTracker:
         return [np.concatenate([self.landmarks[t], self.landmarks[t, :10]])]
 
 
-def write_ict_subject(tmp_path, frames: int = 10):
-    """The synthetic head's clip through ``preprocess_video`` with ``tracker=ict``: ``(head, truth)``."""
+def write_ict_subject(tmp_path, frames: int = 10, **overrides):
+    """The synthetic head's clip through ``preprocess_video`` with ``tracker=ict`` (``overrides``:
+    other settings): ``(head, truth, summary)``."""
     head, ids = open_head()
     landmarks, truth, K = synthesise_clip(head, ids, T=frames, focal=500.0, size=(320, 240))
     video = write_clip(tmp_path / "clip.mp4", frames, 320, 240)
@@ -66,10 +67,17 @@ def write_ict_subject(tmp_path, frames: int = 10):
                              num_identities=3, cache_dir=str(tmp_path / "cache"),
                              ict_fit={"fit_focal": False, "smooth_pose": 0.0, "smooth_expression": 0.0,
                                       "expression_reg": 1e-5, "identity_reg": 1e-6, "contour_weight": 1.0,
-                                      "joint_steps": 400, "lr": 0.02})
+                                      "joint_steps": 400, "lr": 0.02}, **overrides)
     summary = preprocess_video(video, tmp_path / "out", canonical, settings, tracker=SyntheticHeadTracker(landmarks),
                                segmenter=lambda crop: np.ones(crop.shape[:2], np.float32), head_model=head)
     return head, truth, summary
+
+
+def test_neck_cut_switch_keeps_the_person_mask(tmp_path):
+    write_ict_subject(tmp_path, frames=4, neck_cut=False)
+    s = load_subject_folder(tmp_path / "out")
+    # The segmenter said all foreground and the crops lie inside the frame: nothing is cut.
+    assert (s.masks == 255).all() and s.meta["settings"]["neck_cut"] is False
 
 
 def test_reenactment_poses_the_targets_head_with_the_driving_weights(tmp_path):
