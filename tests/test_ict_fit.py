@@ -207,6 +207,17 @@ def test_neck_cut_clears_pixels_below_the_line():
     assert cut[23, 30] == 255 and cut[23, 5] == 0
 
 
+def test_antialiased_neck_cut_keeps_the_covered_fraction_of_crossed_pixels():
+    points = np.array([[0.0, 10.25], [63.0, 10.25]])  # a flat cut line a quarter pixel below row 10
+    edges = np.array([[0, 1]])
+    mask = np.full((16, 64), 200, np.uint8)
+    cut = neck_cut_mask(mask, points, edges, antialias=True)
+    assert (cut[:10] == 200).all() and not cut[11:].any()
+    assert (cut[10] == 150).all()  # row 10 spans [9.5, 10.5]: 0.75 of it lies above 10.25
+    hard = neck_cut_mask(mask, points, edges)
+    assert (hard[10] == 200).all() and not hard[11:].any()  # centre above the line: kept whole
+
+
 @pytest.mark.skipif(_real_kit() is None, reason="the ICT-FaceKit FaceXModel folder is not here")
 def test_fit_on_the_real_kit_recovers_a_synthesised_clip(tmp_path):
     from headkit.headmodel import load_ict_face_model

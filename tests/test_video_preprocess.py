@@ -497,3 +497,21 @@ def test_crops_stay_inside_the_frame():
     assert (out[:, :2] >= 0).all() and (out[:, 0] + out[:, 2] <= 640).all() and (out[:, 1] + out[:, 2] <= 360).all()
     np.testing.assert_array_equal(out[2], boxes[2])  # already inside: unchanged
     np.testing.assert_array_equal(out[0], [0, 0, 360])  # shrunk to the height, moved into the corner
+
+
+def test_antialiased_masks_keep_edge_coverage_and_hard_masks_do_not(tmp_path):
+    T, W, H = 6, 96, 80
+    video = write_clip(tmp_path / "clip.mp4", T, W, H)
+    face = make_face(7)
+    K = np.array([[120.0, 0, W / 2], [0, 120.0, H / 2], [0, 0, 1]])
+    masks = {}
+    for antialias in (True, False):
+        preprocess_video(video, tmp_path / f"out{antialias}", face, tiny_settings(mask_antialias=antialias),
+                         tracker=FakeTracker(face, K, T), segmenter=fake_segmenter)
+        masks[antialias] = load_subject_folder(tmp_path / f"out{antialias}").masks.astype(np.float64)
+    soft, hard = masks[True], masks[False]
+    assert set(np.unique(hard)) <= {0.0, 255.0}
+    edge = (soft > 0) & (soft < 255)
+    assert edge.any() and (soft[~edge] == hard[~edge]).mean() > 0.97  # only the edge differs
+    # Each edge pixel holds the fraction it covers: the matte's area stays the ellipse's area.
+    assert abs(soft.mean() - hard.mean()) < 0.02 * hard.mean()

@@ -71,9 +71,15 @@ def cut_heights(points: np.ndarray,  # [N, 2] pixel positions of the loop's vert
 def neck_cut_mask(mask: np.ndarray,  # [H, W] uint8 person mask
                   points: np.ndarray,  # [N, 2] projected neck-loop vertices (pixels)
                   edges: np.ndarray,  # [M, 2]
+                  antialias: bool = False,
                   ) -> np.ndarray:  # -> [H, W] uint8
-    """``mask`` with every pixel below the neck's cut line cleared."""
+    """``mask`` with every pixel below the neck's cut line cleared. With ``antialias`` a pixel the
+    line crosses keeps the fraction of it above the line (pixel ``r`` spans ``[r - 0.5, r + 0.5]``);
+    without, a pixel is kept when its centre is on or above the line."""
     H, W = mask.shape
     heights = cut_heights(points, edges, W)
     rows = np.arange(H, dtype=np.float64)[:, None]
-    return np.where(rows <= heights[None, :], mask, 0).astype(mask.dtype)
+    if not antialias:
+        return np.where(rows <= heights[None, :], mask, 0).astype(mask.dtype)
+    keep = np.clip(heights[None, :] - rows + 0.5, 0.0, 1.0)
+    return np.round(mask * keep).astype(mask.dtype)

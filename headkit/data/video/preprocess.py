@@ -76,6 +76,7 @@ class VideoSettings:
     crop_inside: bool = True
     image_size: int = 256
     mask_threshold: float | None = 0.5
+    mask_antialias: bool = True
     segmenter_model: str | None = None
     segmenter_sha256: str | None = KNOWN_SEGMENTER_SHA256
     expression_dim: int = 16
@@ -148,22 +149,30 @@ def full_frame_intrinsics(width: int, height: int, settings: VideoSettings) -> n
 
 
 def _read_crops(video, frame_numbers, boxes, segmenter, settings) -> tuple[np.ndarray, np.ndarray]:
-    """Second pass over the video: crop, segment and resize the kept frames."""
+    """Second pass over the video: crop, segment and resize the kept frames.
+
+    With ``mask_threshold`` set and ``mask_antialias`` on, the segmentation is thresholded at the
+    crop's own resolution and then resized, so a mask edge keeps the fraction of each output pixel
+    it covers (an antialiased matte, as the splatted alpha is); off, the resized mask is thresholded
+    (hard, staircase edges: the earlier behaviour, kept for comparison)."""
     S, T = settings.image_size, len(frame_numbers)
     images, masks = np.empty((T, S, S, 3), np.uint8), np.empty((T, S, S), np.uint8)
     index = {int(n): i for i, n in enumerate(frame_numbers)}
+    hard_first = settings.mask_threshold is not None and settings.mask_antialias
     done = 0
     for number, frame in iter_frames(video, settings.frame_stride, settings.max_frames):
         i = index.get(number)
         if i is None:
             continue
         crop, inside = crop_frame(frame, boxes[i])
-        soft = segmenter(crop) * inside
-        images[i], masks[i] = resize_square(crop, np.round(soft * 255.0).astype(np.uint8), S)
+        soft = segmenter(crop)
+        if hard_first:
+            soft = (soft >= settings.mask_threshold).astype(np.float32)
+        images[i], masks[i] = resize_square(crop, np.round(soft * inside * 255.0).astype(np.uint8), S)
         done += 1
     if done != T:
         raise VideoError(f"{video}: the second read returned {done} of the {T} tracked frames")
-    if settings.mask_threshold is not None:
+    if settings.mask_threshold is not None and not hard_first:
         masks = np.where(masks >= 255.0 * settings.mask_threshold, 255, 0).astype(np.uint8)
     return images, masks
 
@@ -177,13 +186,14 @@ def project(vertices: np.ndarray, Ks: np.ndarray) -> np.ndarray:  # [T, V, 3], [
 def cut_below_neck(masks: np.ndarray,  # [T, S, S] uint8
                    vertices: np.ndarray,  # [T, V, 3] camera space
                    Ks: np.ndarray,  # [T, 3, 3] of the crops
-                   neck: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+                   neck: tuple[np.ndarray, np.ndarray],
+                 antialias: bool = True) -> np.ndarray:
     """Head-and-neck masks: every frame's person mask cut below its projected neck loop."""
     ids, edges = neck
     remap = np.full(int(ids.max()) + 1, -1)
     remap[ids] = np.arange(len(ids))
     points = project(vertices[:, ids].astype(np.float64), Ks.astype(np.float64)) - 0.5  # pixel centres
-    return np.stack([neck_cut_mask(m, p, remap[edges]) for m, p in zip(masks, points)])
+    return np.stack([neck_cut_mask(m, p, remap[edges], antialias) for m, p in zip(masks, points)])
 
 
 def landmark_outliers(errors: np.ndarray | None, numbers: np.ndarray, factor: float = 4.0) -> list[int]:
@@ -302,7 +312,7 @@ def _preprocess(video: Path, out: Path, settings: VideoSettings, info, tracked: 
 
     images, masks = _read_crops(video, numbers, boxes, segmenter, settings)
     if head.neck is not None:
-        masks = cut_below_neck(masks, head.vertices, Ks, head.neck)
+        masks = cut_below_neck(masks, head.vertices, Ks, head.neck, settings.mask_antialias)
     times.append(time.perf_counter())
 
     subject = _make_subject(video, name, settings, info, tracked, head, split, landmarks, boxes, Ks, images, masks, meta)
