@@ -3,12 +3,16 @@
     python benchmarks/real_video.py RUN_DIR [RUN_DIR ...] [--train-frames 40] [--images DIR] [--out FILE]
 
 Per run (a finished ``scripts/train.py`` folder) it reports, on the held-out frames (the last
-20 % of the clip): PSNR, SSIM, L2 and LPIPS from the run's ``metrics.json`` (LPIPS "n/a" with the
-reason when the AlexNet weights are missing), and PSNR of the splatted image *before* the
-enhancer; on evenly spaced training frames the same two PSNRs (how well the Gaussians explain
-what they were trained on); the number of Gaussians and the training time. With ``--images``
-it writes, per run, three held-out frames side by side: target | final | before the enhancer |
-rendered alpha, to ``DIR/real_video_<run name>.png``.
+20 % of the clip): PSNR, SSIM, L2 and LPIPS from the run's newest metrics, its latest
+``scripts/eval.py`` evaluation (``RUN/eval/<name>/metrics.json``) else the training's
+``RUN/metrics.json`` (:func:`headkit.engine.runs.latest_metrics`; the source is stated under the
+table, or in a ``metrics from`` column when the runs differ; LPIPS "n/a" with the reason when
+the AlexNet weights are missing), and PSNR of the splatted image *before* the enhancer; on
+evenly spaced training frames the same two PSNRs (how well the Gaussians explain what they
+were trained on); the number of Gaussians and the training time (the latter always from the
+training's ``RUN/metrics.json``). With ``--images`` it writes, per run, three held-out frames
+side by side: target | final | before the enhancer | rendered alpha, to
+``DIR/real_video_<run name>.png``.
 
 Both subjects of a comparison come from the same clip and the same crops, so the targets differ
 only by their masks (``tracker=ict`` cuts the person mask below the fitted neck).
@@ -17,7 +21,6 @@ only by their masks (``tracker=ict`` cuts the person mask below the fitted neck)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,7 +29,8 @@ import torch
 
 from headkit.data.dataset import FrameDataset
 from headkit.data.image_io import to_uint8
-from headkit.engine.runs import load_run
+from headkit.engine.rundir import METRICS_NAME, read_metrics
+from headkit.engine.runs import latest_metrics, load_run
 from headkit.metrics import psnr
 
 
@@ -60,9 +64,10 @@ def side_by_side(shown: list[dict]) -> np.ndarray:
 
 
 def benchmark_run(run_dir: Path, train_frames: int, images: Path | None) -> dict:
-    """One table row for ``run_dir``."""
+    """One table row for ``run_dir`` (``"source"``: where its test metrics came from)."""
     run = load_run(run_dir, "cpu")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics, source = latest_metrics(run_dir)
+    training = read_metrics(run_dir) if (run_dir / METRICS_NAME).is_file() else {}  # train_seconds
     test_final, test_coarse, shown = split_psnr(run, "test")
     train_final, train_coarse, _ = split_psnr(run, "train", train_frames)
     row = {
@@ -73,7 +78,7 @@ def benchmark_run(run_dir: Path, train_frames: int, images: Path | None) -> dict
         "lpips_reason": metrics.get("lpips_unavailable_reason"),
         "psnr_test_check": test_final, "psnr_before_enhancer_test": test_coarse,
         "psnr_train": train_final, "psnr_before_enhancer_train": train_coarse,
-        "train_minutes": metrics.get("train_seconds", float("nan")) / 60.0,
+        "train_minutes": training.get("train_seconds", float("nan")) / 60.0, "source": source,
     }
     if images is not None:
         import imageio.v3 as iio
@@ -86,17 +91,23 @@ def benchmark_run(run_dir: Path, train_frames: int, images: Path | None) -> dict
 
 
 def format_table(rows: list[dict]) -> str:
-    """A markdown table of the rows."""
+    """A markdown table of the rows; ``metrics from: SOURCE`` under it when all rows share a
+    source, else a last ``metrics from`` column."""
+    sources = {r.get("source") for r in rows} - {None}
+    per_row = len(sources) > 1
     head = ("| run | tracker | size | steps | Gaussians | PSNR | SSIM | L2 | LPIPS | PSNR before enh. (test) "
-            "| PSNR train | PSNR before enh. (train) | train min |\n|" + "---|" * 13)
+            "| PSNR train | PSNR before enh. (train) | train min |" + (" metrics from |" if per_row else "")
+            + "\n|" + "---|" * (13 + per_row))
     lines = [head]
     for r in rows:
         lp = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
         lines.append(f"| {r['run']} | {r['tracker']} | {r['size']} | {r['steps']} | {r['gaussians']} | "
                      f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['l2']:.4f} | {lp} | {r['psnr_before_enhancer_test']:.2f} | "
-                     f"{r['psnr_train']:.2f} | {r['psnr_before_enhancer_train']:.2f} | {r['train_minutes']:.1f} |")
+                     f"{r['psnr_train']:.2f} | {r['psnr_before_enhancer_train']:.2f} | {r['train_minutes']:.1f} |"
+                     + (f" {r.get('source') or ''} |" if per_row else ""))
     reasons = {r["lpips_reason"] for r in rows if r["lpips"] is None and r["lpips_reason"]}
-    return "\n".join(lines + [f"\nLPIPS n/a: {reason}" for reason in reasons])
+    note = [f"\nmetrics from: {sources.pop()}"] if len(sources) == 1 else []
+    return "\n".join(lines + note + [f"\nLPIPS n/a: {reason}" for reason in reasons])
 
 
 def main(argv: list[str] | None = None) -> int:

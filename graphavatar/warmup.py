@@ -34,7 +34,7 @@ from torch import Tensor
 from headkit.cameras import invert_rigid, rotmat_to_quat, transform_points
 from headkit.data.dataset import FrameDataset
 from headkit.engine.files import atomic_write_text
-from headkit.engine.logging import progress
+from headkit.progress import progress
 from headkit.engine.method import TrainContext
 from headkit.gaussian_fit import FitResult, fit_static_gaussians
 

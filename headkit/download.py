@@ -42,8 +42,8 @@ def check_sha256(path: str | os.PathLike, expected: str, what: str) -> None:
 
 
 def _progress_bar(total: int | None, desc: str):
-    """A byte-counting tqdm bar, disabled like :func:`headkit.engine.logging.progress`."""
-    from .engine.logging import progress
+    """A byte-counting bar (lines without a terminal), from :func:`headkit.progress.progress`."""
+    from .progress import progress
 
     return progress(iter(()), desc=desc, total=total, unit="B", unit_scale=True, unit_divisor=1024)
 

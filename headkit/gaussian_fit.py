@@ -37,7 +37,7 @@ from headkit.data.subject import Subject
 from headkit.encodings import num_sh_bases
 from headkit.engine.guards import check_finite
 from headkit.gaussian_densify import DEFAULT_DENSIFY, _remap_optimizer, densify_and_prune
-from headkit.engine.logging import progress
+from headkit.progress import progress
 from headkit.metrics import compute_image_metrics, dssim, psnr
 from headkit.render.gaussians import rasterize_gaussians
 

@@ -40,7 +40,7 @@ import torch
 from headkit.data.dataset import FrameDataset
 from headkit.data.image_io import to_uint8, write_image
 from headkit.engine.evaluate import write_video
-from headkit.engine.logging import progress
+from headkit.progress import progress
 from headkit.metrics import MetricUnavailable, l2, lpips, model_size_mb, psnr, ssim, time_fn
 from headkit.plot import line_plot_svg
 from neuralcache.scheduler import ParallelRenderer, SequentialRenderer

@@ -6,19 +6,23 @@
 Every run folder under DIR (one holding ``config.yaml`` or ``metrics.json``) becomes a row,
 named by its config's ``ablation_name`` (else the ``ablation=`` override in
 ``.hydra/overrides.yaml``, else the folder name). Columns: L2, PSNR, SSIM, LPIPS, time per
-frame (seconds, as the paper) and model size (MB). A run without ``metrics.json`` (unfinished
-or crashed) is listed as such. Prints the markdown table and writes it to
-``DIR/ablation_table.md`` (or ``--out``).
+frame (seconds, as the paper) and model size (MB). A run's metrics are its newest evaluation
+(``RUN/eval/<name>/metrics.json``, from ``scripts/eval.py``), else the training's
+``RUN/metrics.json`` (:func:`headkit.engine.runs.latest_metrics`); the source is stated, as a
+note under the table when all rows share it, else as a ``metrics from`` column. Evaluation
+folders are not runs of their own. A run without metrics (unfinished or crashed) is listed as
+such. Prints the markdown table and writes it to ``DIR/ablation_table.md`` (or ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from headkit.engine.runs import in_eval_folder, latest_metrics
 
 ORDER = ("no_warmup", "no_neural", "no_ggo", "no_enhancer", "full")  # Table 2's row order
 LABELS = {"no_warmup": "w/o Warm-up Stage", "no_neural": "w/o Neural Gaussian",
@@ -45,27 +49,34 @@ def _ablation_name(run: Path) -> str:
 
 
 def collect(root: str | Path) -> list[dict]:
-    """One row per run folder under ``root``: ``{"ablation", "run", "metrics" (None if missing)}``,
-    in Table 2's order (other names after, alphabetically)."""
+    """One row per run folder under ``root``: ``{"ablation", "run", "metrics" (None if missing),
+    "source" (:func:`latest_metrics`' label, None if missing)}``, in Table 2's order (other
+    names after, alphabetically). ``RUN/eval/<name>/`` folders are not rows."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder (pass the multirun folder, e.g. "
                                 f"outputs/train/multirun_<date_time>)")
-    runs = {p.parent for p in root.rglob("metrics.json")}
-    runs |= {p.parent for p in root.rglob("config.yaml") if ".hydra" not in p.parts}
+    runs = {p.parent for p in root.rglob("metrics.json") if not in_eval_folder(p)}
+    runs |= {p.parent for p in root.rglob("config.yaml") if ".hydra" not in p.parts and not in_eval_folder(p)}
     rows = []
     for run in sorted(runs):
-        metrics_file = run / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        rows.append({"ablation": _ablation_name(run), "run": str(run), "metrics": metrics})
+        try:
+            metrics, source = latest_metrics(run)
+        except FileNotFoundError:
+            metrics, source = None, None
+        rows.append({"ablation": _ablation_name(run), "run": str(run), "metrics": metrics, "source": source})
     rank = {name: i for i, name in enumerate(ORDER)}
     return sorted(rows, key=lambda r: (rank.get(r["ablation"], len(ORDER)), r["ablation"], r["run"]))
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Table 2 layout: ``| Method | L2 | PSNR | SSIM | LPIPS | Time (s) | Size (MB) |``."""
-    header = "| Method | " + " | ".join(c[0] for c in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    """Table 2 layout: ``| Method | L2 | PSNR | SSIM | LPIPS | Time (s) | Size (MB) |``, then
+    ``metrics from: SOURCE`` under it when all finished rows share a source, else a last
+    column ``metrics from``."""
+    sources = {r.get("source") for r in rows if r["metrics"] is not None} - {None}
+    per_row = len(sources) > 1
+    header = "| Method | " + " | ".join(c[0] for c in COLUMNS) + (" | metrics from" if per_row else "") + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1 + per_row)]
     for row in rows:
         label = LABELS.get(row["ablation"], row["ablation"])
         if row["metrics"] is None:
@@ -75,7 +86,11 @@ def markdown_table(rows: list[dict]) -> str:
             for _, key, factor, fmt in COLUMNS:
                 value = row["metrics"].get(key)
                 cells.append("n/a" if value is None else fmt.format(value * factor))
+        if per_row:
+            cells.append(row.get("source") or "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if len(sources) == 1:
+        lines.append(f"\nmetrics from: {sources.pop()}")
     return "\n".join(lines)
 
 

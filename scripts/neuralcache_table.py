@@ -8,16 +8,23 @@ Each run's ``metrics.json`` holds ``tables: {name: {"title", "columns", "rows"}}
 :func:`neuralcache.evaluate.evaluate_neural_cache`); rows of same-named tables from every run
 under the given folders are concatenated, ordered by their ``order`` key (the paper's row
 order), and printed as markdown; the result is also written to ``DIR/neuralcache_tables.md``
-(or ``--out``). Runs without ``metrics.json`` are listed as unfinished. Works for any method
-whose evaluation returns ``tables``.
+(or ``--out``). A run's metrics are its newest evaluation (``RUN/eval/<name>/metrics.json``,
+from ``scripts/eval.py``), else the training's ``RUN/metrics.json``
+(:func:`headkit.engine.runs.latest_metrics`); under each table a note states the source when
+all its rows share one, else a ``metrics from`` column does. Evaluation folders are not runs
+of their own. Runs without metrics are listed as unfinished. Works for any method whose
+evaluation returns ``tables``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from headkit.engine.runs import in_eval_folder, latest_metrics
+
+SOURCE = "metrics from"  # row key: latest_metrics' label of the run the row came from
 
 
 def _cell(value) -> str:
@@ -35,25 +42,38 @@ def markdown(columns: list[str], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def table_text(table: dict) -> str:
+    """``### title``, the markdown table, and where its metrics came from: a note under it when
+    all rows share one source, else a ``metrics from`` column."""
+    sources = {r.get(SOURCE) for r in table["rows"]} - {None}
+    columns = table["columns"] + ([SOURCE] if len(sources) > 1 and SOURCE not in table["columns"] else [])
+    text = f"### {table['title']}\n\n" + markdown(columns, table["rows"])
+    return text + (f"\n\n{SOURCE}: {sources.pop()}" if len(sources) == 1 else "")
+
+
 def gather(roots: list[str | Path]) -> tuple[dict[str, dict], list[str]]:
-    """``({table name: {"title", "columns", "rows"}}, [unfinished run folders])`` over ``roots``."""
+    """``({table name: {"title", "columns", "rows"}}, [unfinished run folders])`` over ``roots``.
+
+    Each row gets ``"run"`` (the folder name) and ``"metrics from"`` (its source label);
+    ``RUN/eval/<name>/`` folders are not runs."""
     tables: dict[str, dict] = {}
     unfinished = []
     for root in map(Path, roots):
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no such folder (pass run or multirun folders, e.g. "
                                     f"outputs/train/multirun_<date_time>)")
-        runs = sorted({p.parent for p in root.rglob("config.yaml") if ".hydra" not in p.parts}
-                      | {p.parent for p in root.rglob("metrics.json")})
+        runs = sorted({p.parent for p in root.rglob("config.yaml") if ".hydra" not in p.parts and not in_eval_folder(p)}
+                      | {p.parent for p in root.rglob("metrics.json") if not in_eval_folder(p)})
         for run in runs:
-            path = run / "metrics.json"
-            if not path.is_file():
+            try:
+                metrics, source = latest_metrics(run)
+            except FileNotFoundError:
                 unfinished.append(str(run))
                 continue
-            for name, table in (json.loads(path.read_text()).get("tables") or {}).items():
+            for name, table in (metrics.get("tables") or {}).items():
                 merged = tables.setdefault(name, {"title": table.get("title", name), "columns": [], "rows": []})
                 merged["columns"] += [c for c in table["columns"] if c not in merged["columns"]]
-                merged["rows"] += [{**row, "run": run.name} for row in table["rows"]]
+                merged["rows"] += [{**row, "run": run.name, SOURCE: source} for row in table["rows"]]
     for table in tables.values():
         table["rows"].sort(key=lambda r: r.get("order", float("inf")))  # stable: run order otherwise
     return tables, unfinished
@@ -73,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if not tables:
         print(f"error: no metrics.json with tables under {', '.join(args.dirs)}", file=sys.stderr)
         return 1
-    text = "\n\n".join(f"### {t['title']}\n\n" + markdown(t["columns"], t["rows"]) for t in tables.values())
+    text = "\n\n".join(table_text(t) for t in tables.values())
     if unfinished:
         text += "\n\nUnfinished runs (no metrics.json): " + ", ".join(unfinished)
     print(text)

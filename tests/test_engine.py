@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 
 from headkit import engine
 from headkit.engine import checkpoint as ckpt_module
+from headkit.progress import LineProgress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -344,8 +346,37 @@ def test_progress_disabled_by_env(monkeypatch):
     monkeypatch.setenv("HEADKIT_NO_PROGRESS", "1")
     assert not engine.progress_enabled()
     bar = engine.progress(4, desc="x")
-    assert bar.disable and list(bar) == [0, 1, 2, 3]
+    assert isinstance(bar, LineProgress) and list(bar) == [0, 1, 2, 3]  # lines instead of a bar
     assert list(engine.progress(["a", "b"], enabled=True, file=open(os.devnull, "w"))) == ["a", "b"]
+
+
+def test_progress_lines_every_n_items_with_rate_eta_and_postfix(caplog):
+    bar = engine.progress(range(10), desc="train", enabled=False, every=3, min_seconds=0.0, total=10)
+    with caplog.at_level(logging.INFO, logger="headkit.progress"):
+        for i in bar:
+            bar.set_postfix(loss=f"{0.5 - i / 100:.2f}")
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(",")[0] for line in lines] == ["train 3/10 (30%)", "train 6/10 (60%)",
+                                                      "train 9/10 (90%)", "train 10/10 (100%)"]
+    assert all("it/s" in line and "elapsed" in line for line in lines)
+    assert "ETA" in lines[0] and "ETA" not in lines[-1]  # nothing left at the end
+    assert lines[0].endswith("| loss=0.48") and lines[-1].endswith("| loss=0.41")
+
+
+def test_progress_lines_wait_for_min_seconds_but_not_past_max_seconds(caplog):
+    with caplog.at_level(logging.INFO, logger="headkit.progress"):
+        list(LineProgress(range(50), "slow", every=1, min_seconds=3600.0))  # only the final line
+        assert [r.getMessage().split(",")[0] for r in caplog.records] == ["slow 50/50 (100%)"]
+        caplog.clear()
+        list(LineProgress(range(5), "stuck", every=100, min_seconds=3600.0, max_seconds=0.0))
+        assert len(caplog.records) == 5  # max_seconds passed after every item: a line each time
+        caplog.clear()
+        bar = LineProgress(iter(()), "bytes", total=2048, unit="B", min_seconds=0.0)
+        bar.update(1024)
+        bar.close()
+        bar.close()
+        assert [r.getMessage().split(",")[0] for r in caplog.records] == ["bytes 1024/2048 (50%)"]  # no repeat
+        assert "B/s" in caplog.records[0].getMessage()
 
 
 # ---------------------------------------------------------------- guards

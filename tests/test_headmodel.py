@@ -336,12 +336,11 @@ def test_download_extracts_only_facexmodel(kit, tmp_path, monkeypatch):
     assert _load(folder).num_identities == NUM_IDENTITIES
 
 
-def test_progress_bar_goes_through_the_engine(kit, monkeypatch, capsys):
+def test_progress_bar_goes_through_headkit_progress(kit, monkeypatch, capsys):
     pytest.importorskip("tqdm")
-    pytest.importorskip("omegaconf")  # headkit.engine needs it
-    import headkit.engine.logging as engine_logging
+    import headkit.progress
     monkeypatch.setenv("HEADKIT_NO_PROGRESS", "0")
-    monkeypatch.setattr(engine_logging, "progress_enabled", lambda: True)
+    monkeypatch.setattr(headkit.progress, "progress_enabled", lambda: True)
     load_ict_face_model(kit.folder, regions=("face",), region_ranges=RANGES)
     assert "ICT Face Model OBJs" in capsys.readouterr().err
     monkeypatch.setenv("HEADKIT_NO_PROGRESS", "1")

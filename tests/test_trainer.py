@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,11 +17,12 @@ from headkit.data.folder import write_subject_folder
 from headkit.engine import ConfigMismatch, NonFiniteError
 from headkit.engine.checkpoint import CheckpointManager
 from headkit.engine.method import Method
-from headkit.engine.runs import evaluate_run, find_latest_run
+from headkit.engine.runs import evaluate_run, find_latest_run, latest_metrics
 from headkit.engine.trainer import train
 from tests.conftest import make_tiny_subject
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = str(ROOT / "configs")
 
 
 class TinyMethod(Method):
@@ -115,14 +119,105 @@ def test_existing_run_is_never_overwritten(tmp_path):
     assert Path(second["run_dir"]).name == "same-1"
 
 
-def test_eval_script_function_reevaluates_latest_run(tmp_path):
+def _hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` except its ``eval/`` folder, by relative path."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).parts[0] != "eval"}
+
+
+def test_eval_script_function_reevaluates_latest_run_beside_the_training(tmp_path):
     train(make_cfg(tmp_path, "ev", max_steps=4))
     run = find_latest_run(tmp_path)
     assert run.name == "ev"
-    metrics = evaluate_run(run, device="cpu", eval_cfg={"video": False, "timing_repeats": 2},
-                           show_progress=False)
+    before = _hashes(run)
+    assert "metrics.json" in before and any(k.startswith("test_renders/") for k in before)
+    assert latest_metrics(run) == (json.loads((run / "metrics.json").read_text()), "training")
+    ecfg = {"video": False, "timing_repeats": 2}
+    metrics = evaluate_run(run, device="cpu", eval_cfg=ecfg, show_progress=False, name="first")
     assert metrics["steps"] == 4 and metrics["psnr"] > 0
+    out = run / "eval" / "first"
+    assert metrics["eval_dir"] == str(out)
+    assert _hashes(run) == before  # the training's files are byte-identical
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("psnr", "ssim", "l2", "time_per_frame_ms", "run_dir", "checkpoint", "steps", "config_name",
+                "method", "evaluated_at"):
+        assert key in saved, key
+    assert saved["run_dir"] == str(run) and saved["steps"] == 4 and saved["method"] == "TinyMethod"
+    assert len(list((out / "test_renders").glob("*.png"))) == 2
+    assert latest_metrics(run) == (saved, "eval/first")
 
+    first = (out / "metrics.json").read_bytes()
+    with pytest.warns(UserWarning, match="already holds an evaluation"):
+        again = evaluate_run(run, device="cpu", eval_cfg=ecfg, show_progress=False, name="first")
+    assert again["eval_dir"] == str(run / "eval" / "first-1")
+    assert (out / "metrics.json").read_bytes() == first and _hashes(run) == before
+    dated = evaluate_run(run, device="cpu", eval_cfg=ecfg, show_progress=False)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d(-\d+)?", Path(dated["eval_dir"]).name)
+    assert Path(dated["eval_dir"]).parent == run / "eval" and _hashes(run) == before
+    with pytest.raises(ValueError, match="plain folder name"):
+        evaluate_run(run, device="cpu", eval_cfg=ecfg, show_progress=False, name="../escape")
+    with pytest.raises(ValueError, match="overwrite=True"):
+        evaluate_run(run, device="cpu", eval_cfg=ecfg, show_progress=False, name="x", overwrite=True)
+
+    replaced = evaluate_run(run, device="cpu", eval_cfg=ecfg, show_progress=False, overwrite=True)
+    assert replaced["eval_dir"] == str(run)
+    own = json.loads((run / "metrics.json").read_text())
+    assert own["evaluated_at"] == replaced["evaluated_at"] and own["checkpoint"] == replaced["checkpoint"]
+    assert "train_seconds" in own and "eval_dir" not in own  # merged into the training's file
+    assert latest_metrics(run) == (own, "training (re-evaluated)")
+
+
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_latest_metrics_picks_the_newest_evaluation_and_names_bad_files(tmp_path):
+    run = tmp_path / "run"
+    (run / "eval" / "b").mkdir(parents=True)
+    (run / "eval" / "a").mkdir()
+    (run / "metrics.json").write_text(json.dumps({"psnr": 20.0}))
+    (run / "eval" / "a" / "metrics.json").write_text(json.dumps({"psnr": 22.0, "evaluated_at": "2030-01-02T00:00:00"}))
+    (run / "eval" / "b" / "metrics.json").write_text(json.dumps({"psnr": 21.0, "evaluated_at": "2030-01-01T00:00:00"}))
+    assert latest_metrics(run) == ({"psnr": 22.0, "evaluated_at": "2030-01-02T00:00:00"}, "eval/a")
+    (run / "eval" / "b" / "metrics.json").write_text("{broken")
+    with pytest.raises(ValueError, match=re.escape(str(run / "eval" / "b" / "metrics.json"))):
+        latest_metrics(run)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none" / "metrics.json"))):
+        latest_metrics(tmp_path / "none")
+
+
+def test_gatherers_read_the_newest_evaluation_and_skip_eval_folders(tmp_path):
+    ablation = _load_script(ROOT / "scripts" / "ablation_table.py")
+    nc_table = _load_script(ROOT / "scripts" / "neuralcache_table.py")
+    real_video = _load_script(ROOT / "benchmarks" / "real_video.py")
+    for i, (name, psnr) in enumerate([("full", 27.5), ("no_ggo", 27.1)]):
+        run = tmp_path / str(i)
+        run.mkdir()
+        (run / "config.yaml").write_text(f"ablation_name: {name}\n")
+        table = {"t": {"title": "T", "columns": ["model", "psnr"], "rows": [{"model": name, "psnr": psnr}]}}
+        (run / "metrics.json").write_text(json.dumps({"psnr": psnr, "tables": table}))
+    evaluation = tmp_path / "0" / "eval" / "later"
+    evaluation.mkdir(parents=True)
+    table = {"t": {"title": "T", "columns": ["model", "psnr"], "rows": [{"model": "full", "psnr": 28.25}]}}
+    (evaluation / "metrics.json").write_text(json.dumps({"psnr": 28.25, "evaluated_at": "2030-01-01T00:00:00",
+                                                        "tables": table}))
+    rows = ablation.collect(tmp_path)
+    assert [(r["ablation"], r["source"]) for r in rows] == [("no_ggo", "training"), ("full", "eval/later")]
+    text = ablation.markdown_table(rows)
+    assert text.splitlines()[0].endswith("| metrics from |")
+    assert "28.25" in text and "| eval/later |" in text and "27.50" not in text
+    assert ablation.markdown_table(rows[:1]).endswith("\n\nmetrics from: training")
+    tables, unfinished = nc_table.gather([tmp_path])
+    assert [r["psnr"] for r in tables["t"]["rows"]] == [28.25, 27.1] and not unfinished
+    assert "| full | 28.25 | eval/later |" in nc_table.table_text(tables["t"])
+    row = {"run": "0", "tracker": "ict", "size": "16x12", "steps": 4, "gaussians": 9, "psnr": 28.25, "ssim": 0.9,
+           "l2": 0.01, "lpips": None, "lpips_reason": None, "psnr_before_enhancer_test": 20.0, "psnr_train": 30.0,
+           "psnr_before_enhancer_train": 21.0, "train_minutes": 1.0, "source": "eval/later"}
+    assert real_video.format_table([row]).splitlines()[-1] == "metrics from: eval/later"
+    assert real_video.format_table([row, {**row, "source": "training"}]).splitlines()[2].endswith("| eval/later |")
 
 def test_invalid_value_names_key(tmp_path):
     cfg = make_cfg(tmp_path, "bad", batch_size=0)

@@ -17,7 +17,7 @@ import torch
 
 from headkit.data.dataset import FrameDataset
 from headkit.data.image_io import to_uint8
-from headkit.engine.logging import progress
+from headkit.progress import progress
 from headkit.metrics import MetricUnavailable, l2, lpips, model_size_mb, psnr, ssim, time_fn
 
 log = logging.getLogger(__name__)

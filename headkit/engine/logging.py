@@ -1,12 +1,12 @@
-"""Run logging (TensorBoard events + a JSON-lines scalar log), image files, progress bars."""
+"""Run logging (TensorBoard events + a JSON-lines scalar log) and image files (progress bars and
+lines live in :mod:`headkit.progress`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -149,23 +149,3 @@ def read_scalars(run_dir: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: not a JSON line: {exc}") from exc
     return rows
-
-
-def progress_enabled() -> bool:
-    """Bars are shown only on a terminal and when ``HEADKIT_NO_PROGRESS`` is unset or ``0``."""
-    if os.environ.get("HEADKIT_NO_PROGRESS", "") not in ("", "0"):
-        return False
-    return sys.stderr.isatty()
-
-
-def progress(iterable: Iterable | int, desc: str | None = None, enabled: bool | None = None,
-             **tqdm_kwargs):
-    """A tqdm bar over ``iterable`` (an int ``n`` means ``range(n)``); plain iteration when
-    disabled. ``enabled=None`` follows :func:`progress_enabled`."""
-    from tqdm import tqdm
-
-    if isinstance(iterable, int):
-        iterable = range(iterable)
-    if enabled is None:
-        enabled = progress_enabled()
-    return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True, **tqdm_kwargs)

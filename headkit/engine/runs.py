@@ -1,8 +1,18 @@
-"""Finding and re-evaluating finished runs (``scripts/eval.py``)."""
+"""Finding and re-evaluating finished runs (``scripts/eval.py``).
+
+An evaluation is written beside the training, never over it: into
+``RUN/eval/<name or YYYY-MM-DD_HH-MM-SS>/`` (``metrics.json``, ``test_renders/``,
+``test_side_by_side.mp4``); the run's own ``metrics.json`` and renders are left as training
+wrote them unless ``overwrite=True``. Gatherers (``scripts/ablation_table.py``,
+``scripts/neuralcache_table.py``, ``benchmarks/real_video.py``) read :func:`latest_metrics`
+and skip evaluation folders with :func:`in_eval_folder`.
+"""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +22,11 @@ from omegaconf import DictConfig
 from headkit.data.dataset import FrameDataset
 from headkit.engine.checkpoint import CheckpointManager
 from headkit.engine.guards import device_from_string
-from headkit.engine.rundir import load_config, write_metrics
+from headkit.engine.rundir import CONFIG_NAME, METRICS_NAME, load_config, read_metrics, write_metrics
 from headkit.engine.trainer import build_method
+
+EVAL_DIRNAME = "eval"  # RUN/eval/<name>/ holds one evaluation each
+TRAINING_SOURCE = "training"  # latest_metrics' label for the run's own metrics.json
 
 
 def find_latest_run(root: str | Path) -> Path:
@@ -57,18 +70,98 @@ def load_run(run_dir: str | Path, device: str = "auto") -> LoadedRun:
     return LoadedRun(cfg, subject, model.eval(), dev, path, int(state["step"]))
 
 
+def _eval_folder(run_dir: Path, name: str | None, now: datetime) -> Path:
+    """Create ``run_dir/eval/<name or time>/``; when that folder already holds files the first
+    free sibling ``NAME-1``, ``NAME-2``, ... is used instead, with a warning naming both."""
+    name = now.strftime("%Y-%m-%d_%H-%M-%S") if name is None else str(name)
+    if not name or name in {".", ".."} or Path(name).name != name:
+        raise ValueError(f"evaluation name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+    candidate = run_dir / EVAL_DIRNAME / name
+    folder, index = candidate, 0
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            break
+        except FileExistsError:
+            if folder.is_dir() and not any(folder.iterdir()):
+                break  # an empty folder holds no evaluation
+        index += 1
+        folder = candidate.with_name(f"{name}-{index}")
+    if folder != candidate:
+        warnings.warn(f"evaluation folder {candidate} already holds an evaluation; writing to {folder} "
+                      "instead (pass another name, or overwrite=True to replace the run's own metrics)",
+                      UserWarning, stacklevel=3)
+    return folder
+
+
 def evaluate_run(run_dir: str | Path, *, device: str = "auto", eval_cfg: DictConfig | dict | None = None,
-                 show_progress: bool = True) -> dict[str, Any]:
-    """Rebuild a run (:func:`load_run`), evaluate the test split, merge the result into the
-    run's ``metrics.json`` and return it."""
-    run = load_run(run_dir, device)
+                 show_progress: bool = True, name: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Rebuild a run (:func:`load_run`), evaluate its test split and write the result beside
+    the training, never over it.
+
+    Default: renders, video and ``metrics.json`` go to a fresh ``run_dir/eval/<name>/``
+    (``name`` None = the current time, ``YYYY-MM-DD_HH-MM-SS``; a folder that already holds
+    files is never reused, the first free ``NAME-1``, ``NAME-2``, ... is taken instead, with a
+    warning); the training's own files stay byte-identical. ``overwrite=True``: the old
+    behaviour, renders and video into ``run_dir`` itself and the metrics merged into its
+    ``metrics.json`` (``name`` must then be None).
+
+    The written metrics hold the evaluation's full metrics plus ``run_dir``, ``checkpoint``,
+    ``steps``, ``config_name``, ``method`` and ``evaluated_at`` (local ISO time). Returns
+    them with ``"eval_dir"`` added: the folder whose ``metrics.json`` was written.
+    """
+    if overwrite and name is not None:
+        raise ValueError(f"evaluate_run: overwrite=True writes into the run folder itself; "
+                         f"name={name!r} would be unused, pass one or the other")
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, device)  # fails on a non-run folder before anything is created
+    now = datetime.now()
+    out_dir = run_dir if overwrite else _eval_folder(run_dir, name, now)
     ecfg = dict(eval_cfg or {})
-    metrics = run.model.evaluate(FrameDataset(run.subject, "test"), Path(run_dir), device=run.device,
+    metrics = run.model.evaluate(FrameDataset(run.subject, "test"), out_dir, device=run.device,
                                  with_lpips=bool(ecfg.get("lpips", True)), save_video=bool(ecfg.get("video", True)),
                                  timing_repeats=int(ecfg.get("timing_repeats", 20)),
                                  lpips_weights=ecfg.get("lpips_weights"), show_progress=show_progress)
-    metrics.update({"checkpoint": str(run.checkpoint), "steps": run.step,
+    metrics.update({"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "steps": run.step,
                     "config_name": str(run.cfg.get("experiment_name", "default")),
-                    "method": type(run.model).__name__})
-    write_metrics(run_dir, metrics, merge=True)
-    return metrics
+                    "method": type(run.model).__name__, "evaluated_at": now.isoformat(timespec="seconds")})
+    write_metrics(out_dir, metrics, merge=overwrite)
+    return {**metrics, "eval_dir": str(out_dir)}
+
+
+def in_eval_folder(path: str | Path) -> bool:
+    """True when ``path`` lies inside a run's evaluation folder ``RUN/eval/...`` (``RUN``
+    holding a ``config.yaml`` or ``metrics.json``), so gatherers that ``rglob`` for runs do not
+    take ``RUN/eval/<name>/`` for a run of its own."""
+    return any(parent.name == EVAL_DIRNAME and ((parent.parent / CONFIG_NAME).is_file()
+                                                 or (parent.parent / METRICS_NAME).is_file())
+               for parent in Path(path).parents)
+
+
+def latest_metrics(run_dir: str | Path) -> tuple[dict, str]:
+    """The run's newest metrics and where they came from.
+
+    The newest ``run_dir/eval/*/metrics.json`` (by its ``evaluated_at``, else the file's
+    mtime) with the label ``"eval/<name>"``; without any, the training's
+    ``run_dir/metrics.json`` with the label ``"training"``. When ``evaluate_run(...,
+    overwrite=True)`` re-evaluated the run in place after the newest evaluation folder, the
+    run's own file is the newest and is labelled ``"training (re-evaluated)"``. Errors
+    (missing file, invalid JSON) name the file (:func:`~headkit.engine.rundir.read_metrics`).
+    """
+    run_dir = Path(run_dir)
+    candidates = []
+    for path in (run_dir / EVAL_DIRNAME).glob(f"*/{METRICS_NAME}"):
+        metrics = read_metrics(path.parent)
+        mtime = path.stat().st_mtime
+        stamp = str(metrics.get("evaluated_at") or datetime.fromtimestamp(mtime).isoformat(timespec="seconds"))
+        candidates.append(((stamp, mtime), metrics, f"{EVAL_DIRNAME}/{path.parent.name}"))
+    own = run_dir / METRICS_NAME
+    if own.is_file() or not candidates:
+        metrics = read_metrics(run_dir)  # FileNotFoundError naming it when there is nothing at all
+        if metrics.get("evaluated_at"):  # re-evaluated in place (overwrite=True)
+            key = (str(metrics["evaluated_at"]), own.stat().st_mtime)
+            candidates.append((key, metrics, f"{TRAINING_SOURCE} (re-evaluated)"))
+        else:
+            candidates.append((("", 0.0), metrics, TRAINING_SOURCE))  # older than any evaluation
+    _, metrics, source = max(candidates, key=lambda c: c[0])
+    return metrics, source

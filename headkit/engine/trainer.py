@@ -10,6 +10,7 @@ state), and finally evaluates on the test split into ``metrics.json``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from headkit.data.dataset import FrameDataset
 from headkit.engine.checkpoint import CheckpointManager, make_checkpoint_state, resume_or_start
 from headkit.engine.guards import NonFiniteError, check_finite, check_finite_grads, device_from_string, explain_oom
-from headkit.engine.logging import RunLogger, progress
+from headkit.engine.logging import RunLogger, save_image
+from headkit.progress import progress
 from headkit.engine.method import Method, TrainContext, check_expression_dim
 from headkit.engine.rundir import (check_config_compatible, load_config, make_run_dir, save_config,
                                    write_metrics)
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 #: config keys that may change when a run is resumed
 RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.resume", "trainer.device", "trainer.progress",
+                     "trainer.progress_seconds",
                      "trainer.log_every", "trainer.image_every", "trainer.ckpt_every", "trainer.num_threads",
                      "eval.*",
                      "paths.*", "run_dir")
@@ -81,6 +84,46 @@ def build_method(cfg: DictConfig, subject) -> Method:
     return model
 
 
+def _log_step(model: Method, optimizer, losses: dict, total, outputs: dict, batch: dict, logger: RunLogger,
+              bar, step: int) -> None:
+    """Scalars of one step to TensorBoard/``scalars.jsonl``, and the main ones onto the progress
+    bar or line (loss, train PSNR)."""
+    scalars = {f"loss/{k}": v.item() for k, v in losses.items()}
+    scalars["loss/total"] = total.item()
+    metrics = model.get_metrics_dict(outputs, batch)
+    scalars.update({f"train/{k}": v for k, v in metrics.items()})
+    scalars["train/lr"] = optimizer.param_groups[0]["lr"]
+    logger.scalars(scalars, step)
+    shown = {"loss": f"{total.item():.4f}"}
+    if "psnr" in metrics:
+        shown["psnr"] = f"{metrics['psnr']:.2f}"
+    bar.set_postfix(**shown)
+
+
+def preview_step(max_steps: int, image_every: int) -> int:
+    """The step of the first preview: 2 % into the run (at most ``image_every``, at least 1), so a
+    user has a picture to look at early."""
+    return max(1, min(image_every, max_steps // 50))
+
+
+@torch.no_grad()
+def write_preview(model: Method, dataset: FrameDataset, run_dir: Path, logger: RunLogger, step: int,
+                  device) -> Path:
+    """``run_dir/preview.png``: render | ground truth of the dataset's first frame (the test
+    split's when there is one), replaced atomically so a viewer never sees half a file; also
+    logged to TensorBoard as ``preview``."""
+    was_training = model.training
+    model.eval()
+    batch = dataset.batch([0], device)
+    image = torch.cat([model.render_eval(batch)[0].clamp(0, 1), model.target_image(batch)[0]], dim=1)
+    model.train(was_training)
+    tmp = run_dir / "preview.tmp.png"
+    save_image(tmp, image)
+    os.replace(tmp, run_dir / "preview.png")
+    logger.image("preview", image, step)
+    return run_dir / "preview.png"
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the configured method on the configured subject; return the final metrics dict."""
     validate_config(cfg)
@@ -111,13 +154,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     began = time.perf_counter()
     if start == 0:
         model.before_training(TrainContext(subject, train_set, device, run_dir, logger, bool(tcfg.progress)))
+    preview_set = test_set if len(test_set) else train_set
     step = start
     try:
         with explain_oom(("data.generator.width/height or the data resolution",
                           "trainer.batch_size", "model size settings (e.g. neural Gaussians k)")):
-            for step in progress(range(start, int(tcfg.max_steps)), desc="train",
-                                 enabled=None if tcfg.progress else False, initial=start,
-                                 total=int(tcfg.max_steps)):
+            bar = progress(range(start, int(tcfg.max_steps)), desc="train", enabled=None if tcfg.progress else False,
+                           initial=start, total=int(tcfg.max_steps), every=int(tcfg.log_every),
+                           min_seconds=float(tcfg.get("progress_seconds", 15.0)))
+            for step in bar:
                 model.train()
                 batch = model.sample_train_batch(train_set, step, int(tcfg.batch_size), device)
                 outputs = model.get_outputs(batch)
@@ -132,14 +177,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     scheduler.step()
                 model.after_step(step)
                 if (step + 1) % tcfg.log_every == 0 or step == start:
-                    scalars = {f"loss/{k}": v.item() for k, v in losses.items()}
-                    scalars["loss/total"] = total.item()
-                    scalars.update({f"train/{k}": v for k, v in model.get_metrics_dict(outputs, batch).items()})
-                    scalars["train/lr"] = optimizer.param_groups[0]["lr"]
-                    logger.scalars(scalars, step + 1)
+                    _log_step(model, optimizer, losses, total, outputs, batch, logger, bar, step + 1)
                 if (step + 1) % tcfg.image_every == 0:
                     logger.image("train/render_vs_gt", torch.cat([outputs["image"][0].detach().clamp(0, 1),
                                                                   batch["image"][0]], dim=1), step + 1)
+                if step + 1 == preview_step(int(tcfg.max_steps), int(tcfg.image_every)) \
+                        or (step + 1) % tcfg.image_every == 0:
+                    write_preview(model, preview_set, run_dir, logger, step + 1, device)
                 if (step + 1) % tcfg.ckpt_every == 0:
                     save(step + 1)
     except NonFiniteError:

@@ -238,12 +238,10 @@ def _mode_deltas(paths: list[Path], neutral: np.ndarray,  # [N, 3] ICT cm, float
 
 
 def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar from ``headkit.engine`` when shown, else a silent stand-in (update, close).
-
-    The env check comes first so that a hidden bar imports neither tqdm nor the run engine.
-    """
+    """:func:`headkit.progress.progress` (a bar, or lines without a terminal) when shown, else a
+    silent stand-in (update, close)."""
     if enabled and os.environ.get("HEADKIT_NO_PROGRESS", "") in ("", "0"):
-        from headkit.engine.logging import progress
+        from headkit.progress import progress
         return progress(iter(()), desc="ICT Face Model OBJs", total=total, unit="obj")
     return SimpleNamespace(update=lambda n=1: None, close=lambda: None)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from headkit.progress import progress
 from .reader import VideoError, iter_frames, probe_video
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ def track_video(path: str | os.PathLike, tracker: Callable[..., list[FaceObserva
     fps = probe_video(path).fps if takes_timestamp(tracker) else None
     numbers, kept, dropped, multi = [], [], [], []
     num_read = 0
-    for number, frame in iter_frames(path, stride, max_frames):
+    for number, frame in progress(iter_frames(path, stride, max_frames), desc="track landmarks", unit="frame"):
         num_read += 1
         faces = tracker(frame) if fps is None else tracker(frame, round(number * 1000 / fps))
         faces = [as_observation(f) for f in faces]

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..contact_sheet import save_contact_sheet
 from ..folder import write_subject_folder
+from headkit.progress import progress
 from ..subject import Subject, holdout_split
 from .align import ROBUST_LOSSES, focal_from_fov
 from .crop import CROP_MODES, crop_boxes, crop_frame, crop_intrinsics, inside_frame, landmark_boxes, resize_square
@@ -160,7 +161,8 @@ def _read_crops(video, frame_numbers, boxes, segmenter, settings) -> tuple[np.nd
     index = {int(n): i for i, n in enumerate(frame_numbers)}
     hard_first = settings.mask_threshold is not None and settings.mask_antialias
     done = 0
-    for number, frame in iter_frames(video, settings.frame_stride, settings.max_frames):
+    frames = iter_frames(video, settings.frame_stride, settings.max_frames)
+    for number, frame in progress(frames, desc="crop + segment", total=None, unit="frame"):
         i = index.get(number)
         if i is None:
             continue
