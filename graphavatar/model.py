@@ -57,7 +57,7 @@ from .graph_unet import AppearanceHead, GeometryHead
 from .losses import GraphAvatarLoss, targets_over_background
 from .neural_gaussians import NeuralGaussians
 from .sampling import build_mesh_hierarchy
-from .settings import ConfigValueError, section
+from .settings import DEFAULTS, ConfigValueError, section
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,27 @@ class GraphAvatar(Method):
             error names ``model.expression_dim``).
         input_space: ``"head"`` or ``"world"`` (module docstring).
     """
+
+    @staticmethod
+    def check_config(settings: dict) -> None:
+        """Check the constructor's arguments but ``subject`` (the resolved ``model`` config) without
+        any data, so training reports a bad key or value before the subject is loaded
+        (:func:`headkit.engine.trainer.validate_model_config`); raises :class:`ConfigValueError`
+        naming the key, e.g. ``model.optim.lr.unets``."""
+        known = {"expression_dim", "input_space", *DEFAULTS}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigValueError(f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
+                                   f"known: {sorted(known)}")
+        for name in DEFAULTS:
+            section(name, settings.get(name))
+        if settings.get("input_space", "head") not in ("head", "world"):
+            raise ConfigValueError(f"invalid config value model.input_space={settings['input_space']!r}: "
+                                   "must be 'head' or 'world'")
+        dim = settings.get("expression_dim")
+        if dim is not None and not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1):
+            raise ConfigValueError(f"invalid config value model.expression_dim={dim!r}: "
+                                   "must be null or an integer >= 1")
 
     def __init__(self, subject: Subject, expression_dim: int | None = None, input_space: str = "head",
                  hierarchy: dict | None = None, unet: dict | None = None, geometry: dict | None = None,

@@ -13,6 +13,8 @@ import copy
 import math
 from typing import Any
 
+from headkit.errors import InvalidConfigValue
+
 __all__ = ["DEFAULTS", "ConfigValueError", "section"]
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -41,7 +43,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(InvalidConfigValue):
     """An invalid GraphAvatar config value; the message names the full key (``model.<section>.<key>``)."""
 
 

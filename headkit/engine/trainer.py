@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from headkit.data.dataset import FrameDataset
 from headkit.engine.checkpoint import CheckpointManager, make_checkpoint_state, resume_or_start
+from headkit.errors import InvalidConfigValue
 from headkit.engine.guards import NonFiniteError, check_finite, check_finite_grads, device_from_string, explain_oom
 from headkit.engine.logging import RunLogger, save_image
 from headkit.progress import progress
@@ -51,16 +52,35 @@ def check_missing(cfg: DictConfig) -> None:
                                  "command line, e.g. " + " ".join(f"{k}=..." for k in missing))
 
 
+
+
+#: trainer keys that must be integers, and their smallest allowed value
+TRAINER_INT_MINIMUM = {"trainer.max_steps": 0, "trainer.batch_size": 1, "trainer.log_every": 1,
+                       "trainer.ckpt_every": 1, "trainer.image_every": 1}
+
+
+def validate_model_config(cfg: DictConfig) -> None:
+    """Check ``cfg.model`` without data: the model class's ``check_config(settings)`` hook, when
+    it has one (:meth:`graphavatar.model.GraphAvatar.check_config`), gets the resolved settings
+    (its constructor's keyword arguments but ``subject``) and raises naming the bad key."""
+    if cfg.get("model") is None or not cfg.model.get("_target_"):
+        return
+    # a partial: Hydra locates (and vets) the target and converts the settings, nothing is built
+    partial = instantiate(cfg.model, _partial_=True, _convert_="all")
+    check = getattr(getattr(partial, "func", None), "check_config", None)
+    if callable(check):
+        check(dict(partial.keywords))
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Reject missing and invalid values early with the offending key named."""
+    """Reject missing and invalid values early, before any data is loaded, with the offending
+    key named: ``???`` values, the trainer's counts, and the model's settings."""
     check_missing(cfg)
-    t = cfg.trainer
-    checks = [("trainer.max_steps", t.max_steps >= 0), ("trainer.batch_size", t.batch_size >= 1),
-              ("trainer.log_every", t.log_every >= 1), ("trainer.ckpt_every", t.ckpt_every >= 1),
-              ("trainer.image_every", t.image_every >= 1)]
-    for key, ok in checks:
-        if not ok:
-            raise ValueError(f"invalid config value {key}={OmegaConf.select(cfg, key)}")
+    for key, minimum in TRAINER_INT_MINIMUM.items():
+        value = OmegaConf.select(cfg, key)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            raise InvalidConfigValue(f"invalid config value {key}={value!r}: must be an integer >= {minimum}")
+    validate_model_config(cfg)
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:

@@ -33,6 +33,8 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     import imageio.v3 as iio
 
     path = Path(path)
+    if path.is_dir():
+        raise VideoError(f"{path}: a folder, not a video file")
     if not path.is_file():
         raise VideoError(f"{path}: video file not found")
     try:
