@@ -179,69 +179,95 @@ def load_obj(path: str | os.PathLike) -> dict[str, Tensor | None]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"OBJ file not found: {path}")
-    verts: list[list[float]] = []
-    uvs: list[list[float]] = []
-    faces: list[list[int]] = []
-    uv_faces: list[list[int]] = []
-    faces_with_uv = 0
+    obj = _ObjContent()
     with open(path, "r", encoding="utf-8", errors="replace") as fh:
         for lineno, raw in enumerate(fh, start=1):
             line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            tokens = line.split()
-            key, args = tokens[0], tokens[1:]
-            where = f"{path}:{lineno}"
-            if key == "v" or key == "vt":
-                need = 3 if key == "v" else 2
-                if len(args) < need:
-                    raise ObjError(f"{where}: '{key}' needs {need} numbers, got {line!r}")
-                try:
-                    vals = [float(a) for a in args[:need]]
-                except ValueError:
-                    raise ObjError(f"{where}: cannot parse numbers in {line!r}") from None
-                if not all(math.isfinite(v) for v in vals):
-                    raise ObjError(f"{where}: non-finite value in {line!r}")
-                (verts if key == "v" else uvs).append(vals)
-            elif key == "f":
-                if len(args) < 3:
-                    raise ObjError(f"{where}: a face needs at least 3 corners, got {line!r}")
-                vidx, tidx = [], []
-                for corner in args:
-                    parts = corner.split("/")
-                    try:
-                        vi = int(parts[0])
-                        ti = int(parts[1]) if len(parts) > 1 and parts[1] else None
-                    except ValueError:
-                        raise ObjError(f"{where}: bad face corner {corner!r} in {line!r}") from None
-                    vidx.append(_resolve_index(vi, len(verts), where, "vertex"))
-                    if ti is not None:
-                        tidx.append(_resolve_index(ti, len(uvs), where, "texture coordinate"))
-                if tidx and len(tidx) != len(vidx):
-                    raise ObjError(f"{where}: some corners have texture indices and some not: {line!r}")
-                for k in range(1, len(vidx) - 1):  # fan triangulation
-                    faces.append([vidx[0], vidx[k], vidx[k + 1]])
-                    if tidx:
-                        uv_faces.append([tidx[0], tidx[k], tidx[k + 1]])
-                if tidx:
-                    faces_with_uv += len(vidx) - 2
-            elif key in _OBJ_IGNORED:
-                continue
-            else:
-                raise ObjError(f"{where}: unknown OBJ statement {key!r} in {line[:80]!r}")
-    if not verts:
+            if line:
+                _read_obj_statement(obj, line, f"{path}:{lineno}")
+    return _obj_tensors(obj, path)
+
+
+class _ObjContent:
+    """What an OBJ file declared so far: positions, UVs and triangles (0-based indices), and how
+    many triangles came with texture indices."""
+
+    def __init__(self) -> None:
+        self.verts: list[list[float]] = []
+        self.uvs: list[list[float]] = []
+        self.faces: list[list[int]] = []
+        self.uv_faces: list[list[int]] = []
+        self.faces_with_uv = 0
+
+
+def _read_obj_statement(obj: _ObjContent, line: str, where: str) -> None:
+    """Add one statement (comment stripped, not empty) to ``obj``; ``where`` is ``file:line``."""
+    tokens = line.split()
+    key, args = tokens[0], tokens[1:]
+    if key == "v" or key == "vt":
+        (obj.verts if key == "v" else obj.uvs).append(_obj_numbers(key, args, line, where))
+    elif key == "f":
+        _add_obj_face(obj, args, line, where)
+    elif key not in _OBJ_IGNORED:
+        raise ObjError(f"{where}: unknown OBJ statement {key!r} in {line[:80]!r}")
+
+
+def _obj_numbers(key: str, args: list[str], line: str, where: str) -> list[float]:
+    """The 3 (``v``) or 2 (``vt``) finite numbers of a statement; extra values are ignored."""
+    need = 3 if key == "v" else 2
+    if len(args) < need:
+        raise ObjError(f"{where}: '{key}' needs {need} numbers, got {line!r}")
+    try:
+        vals = [float(a) for a in args[:need]]
+    except ValueError:
+        raise ObjError(f"{where}: cannot parse numbers in {line!r}") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise ObjError(f"{where}: non-finite value in {line!r}")
+    return vals
+
+
+def _add_obj_face(obj: _ObjContent, args: list[str], line: str, where: str) -> None:
+    """Fan-triangulate an ``f`` statement's corners (``v``, ``v/vt``, ``v//vn``, ``v/vt/vn``)
+    into ``obj``; texture indices must be on all corners or none."""
+    if len(args) < 3:
+        raise ObjError(f"{where}: a face needs at least 3 corners, got {line!r}")
+    vidx, tidx = [], []
+    for corner in args:
+        parts = corner.split("/")
+        try:
+            vi = int(parts[0])
+            ti = int(parts[1]) if len(parts) > 1 and parts[1] else None
+        except ValueError:
+            raise ObjError(f"{where}: bad face corner {corner!r} in {line!r}") from None
+        vidx.append(_resolve_index(vi, len(obj.verts), where, "vertex"))
+        if ti is not None:
+            tidx.append(_resolve_index(ti, len(obj.uvs), where, "texture coordinate"))
+    if tidx and len(tidx) != len(vidx):
+        raise ObjError(f"{where}: some corners have texture indices and some not: {line!r}")
+    for k in range(1, len(vidx) - 1):  # fan triangulation
+        obj.faces.append([vidx[0], vidx[k], vidx[k + 1]])
+        if tidx:
+            obj.uv_faces.append([tidx[0], tidx[k], tidx[k + 1]])
+    if tidx:
+        obj.faces_with_uv += len(vidx) - 2
+
+
+def _obj_tensors(obj: _ObjContent, path: Path) -> dict[str, Tensor | None]:
+    """:func:`load_obj`'s tensors, after checking the file declared vertices, faces, and UVs on
+    all faces or none."""
+    if not obj.verts:
         raise ObjError(f"{path}: no vertices ('v' lines) found")
-    if not faces:
+    if not obj.faces:
         raise ObjError(f"{path}: no faces ('f' lines) found")
-    if 0 < faces_with_uv < len(faces):
-        raise ObjError(f"{path}: {faces_with_uv} of {len(faces)} triangles have texture indices; "
+    if 0 < obj.faces_with_uv < len(obj.faces):
+        raise ObjError(f"{path}: {obj.faces_with_uv} of {len(obj.faces)} triangles have texture indices; "
                        "expected all or none")
-    has_uv = faces_with_uv == len(faces)
+    has_uv = obj.faces_with_uv == len(obj.faces)
     return {
-        "vertices": torch.tensor(verts, dtype=torch.float32),
-        "faces": torch.tensor(faces, dtype=torch.int64),
-        "uvs": torch.tensor(uvs, dtype=torch.float32).reshape(-1, 2) if has_uv else None,
-        "uv_faces": torch.tensor(uv_faces, dtype=torch.int64) if has_uv else None,
+        "vertices": torch.tensor(obj.verts, dtype=torch.float32),
+        "faces": torch.tensor(obj.faces, dtype=torch.int64),
+        "uvs": torch.tensor(obj.uvs, dtype=torch.float32).reshape(-1, 2) if has_uv else None,
+        "uv_faces": torch.tensor(obj.uv_faces, dtype=torch.int64) if has_uv else None,
     }
 
 

@@ -30,7 +30,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +45,15 @@ from headkit.engine.evaluate import write_video
 from headkit.progress import progress
 from headkit.metrics import MetricUnavailable, l2, lpips, model_size_mb, psnr, ssim, time_fn
 from headkit.plot import line_plot_svg
+from headkit.registry import choose
 from neuralcache.scheduler import ParallelRenderer, SequentialRenderer
 from neuralcache.warp import ImplicitWarp, count_flops
 
 log = logging.getLogger(__name__)
 
 __all__ = ["evaluate_neural_cache", "TABLE1_COLUMNS", "score", "build_stream", "run_mode", "network_latencies",
-           "network_flops", "warp_ablation_row"]
+           "network_flops", "warp_ablation_row", "Stream", "eval_devices", "EXTRA_ROWS", "naive_row", "generator_rows",
+           "warp_rows", "quality_metrics", "cost_metrics", "warp_tables"]
 
 TABLE1_COLUMNS = ["model", "workers", "l1", "psnr", "ssim", "latency_ms", "fps", "stream_ms", "distances"]
 ONLINE_COLUMNS = ["model", "rate", "l1", "psnr", "ssim", "frames", "distances"]
@@ -57,8 +61,6 @@ DISTANCE_COLUMNS = ["model", "distance", "l1", "psnr", "ssim"]
 #: Tables 3 and 4: which inputs and cached layers the implicit warp used, and its 1x-warp scores
 WARP_ABLATION_COLUMNS = ["concat_uv", "use_pose", "use_camera", "use_mlp", "sh_pose", "sh_skips", "tex_sample", "exp",
                          "cached", "l1", "psnr", "ssim", "latency_ms", "rel_latency"]
-#: the paper's row order of Table 1 (rows carry ``order`` for scripts/neuralcache_table.py)
-ROW_ORDER = {"dnr": 0, "dnr_plus": 1, "dnr_plus_plus": 3, "explicit_warp": 4, "ours": 5}
 
 
 @contextmanager
@@ -167,7 +169,7 @@ def _warp_distance_ablation(model, frames, scored, targets, distances, device) -
             gts.append(target)
         if images:
             rows.append({"model": model.spec.label, "distance": d, **score(images, gts), "frames": len(images),
-                         "order": 10 * ROW_ORDER[model.variant] + d})
+                         "order": 10 * model.spec.table_order + d})
     return rows
 
 
@@ -189,51 +191,109 @@ def evaluate_neural_cache(model, dataset: FrameDataset, run_dir: str | Path, *, 
     """
     run_dir = Path(run_dir)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    devices = eval_devices(device, devices, workers)
     dev = str(device)
+    model.eval()
+    warmup = max(2 * max(warps) - 1, max(ablation_distances, default=1), 1)
+    stream = Stream(*build_stream(model, dataset, warmup))
+    with _threads(num_threads):
+        latency = network_latencies(model, stream.frames[stream.scored[0]], dev, timing_repeats)
+        flops = network_flops(model, stream.frames[stream.scored[0]], dev)
+        if model.warp is None:
+            rows, primary, own = generator_rows(model, stream, latency, dev, stream_repeats, max_in_flight)
+        else:
+            rows, primary, own = warp_rows(model, stream, latency, warps, workers, devices, dev, stream_repeats,
+                                           max_in_flight, show_progress)
+    metrics = quality_metrics(model, primary, stream.targets, with_lpips, lpips_weights)
+    metrics.update(cost_metrics(model, own, latency, flops, len(stream.scored), num_threads,
+                                devices[:max(workers)], device))
+    tables = {"table1": {"title": f"Table 1 (offline, {dataset.subject.name} test frames)",
+                         "columns": TABLE1_COLUMNS, "rows": rows}}
+    tables.update(warp_tables(model, stream, metrics, latency, ablation_distances, online, dev,
+                              dataset.subject.fps, run_dir))
+    metrics["tables"] = tables
+    _save_renders(run_dir, dataset, primary, stream.targets, save_images, save_video, metrics)
+    return metrics
+
+
+@dataclass
+class Stream:
+    """The encoded test stream (:func:`build_stream`): scheduler ``frames``, the stream positions
+    that are ``scored`` and their ``targets``."""
+
+    frames: list[dict]
+    scored: list[int]
+    targets: list[torch.Tensor]
+
+
+def eval_devices(device: torch.device, devices: list[str] | None, workers) -> list[str]:
+    """The workers' devices: ``devices``, else ``cuda:0..N-1`` with two or more GPUs, else the
+    run device repeated; an error names the config keys when there are too few."""
     if devices is None:
         if device.type == "cuda" and torch.cuda.device_count() >= 2:
             devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
         else:
-            devices = [dev] * max(workers)
+            devices = [str(device)] * max(workers)
     if max(workers) > len(devices):
         raise ValueError(f"model.evaluation.workers={list(workers)} needs {max(workers)} devices, "
                          f"model.evaluation.devices has {devices}")
-    model.eval()
-    warmup = max(2 * max(warps) - 1, max(ablation_distances, default=1), 1)
-    frames, scored, targets = build_stream(model, dataset, warmup)
-    label = model.spec.label
-    rows: list[dict[str, Any]] = []
-    primary: list[torch.Tensor] | None = None
-    with _threads(num_threads):
-        latency = network_latencies(model, frames[scored[0]], dev, timing_repeats)
-        flops = network_flops(model, frames[scored[0]], dev)
-        if model.warp is None:
-            outs, fps, stream_ms = run_mode(model, frames, 0, "cache_first", [dev], stream_repeats, max_in_flight)
-            row = {"model": label, "workers": 1, "latency_ms": latency["generator"], "fps": fps,
-                   "stream_ms": stream_ms, "distances": "0", "order": 100 * ROW_ORDER[model.variant] + 50}
-            if model.variant == "dnr_plus":
-                # The naive baseline: frame t shows G's image of frame t - 1.
-                naive = [outs[p - 1] for p in scored]
-                rows.append({**row, "model": f"{label} (naive)", **score(naive, targets), "distances": "1 (shown late)",
-                             "order": row["order"] - 10})
-            primary = [outs[p] for p in scored]
-            rows.append({**row, **score(primary, targets)})
-        else:
-            for k in progress(warps, desc="eval modes", enabled=None if show_progress else False):
-                for n in workers:
-                    outs, fps, stream_ms = run_mode(model, frames, k, "algorithm1", devices[:n], stream_repeats,
-                                                max_in_flight)
-                    images = [outs[p] for p in scored]
-                    rows.append({"model": f"{label} ({k}x warp)", "workers": n, **score(images, targets),
-                                 "latency_ms": latency["warp"], "fps": fps, "stream_ms": stream_ms,
-                                 "distances": _distances(k, n, "algorithm1"), "warp": k,
-                                 "order": 100 * ROW_ORDER[model.variant] + 10 * k + n})
-                    if k == model.warp_distance and n == 1:
-                        primary = images
-            if primary is None:  # the run's own k is not among the evaluated warps
-                outs, *_ = run_mode(model, frames, model.warp_distance, "algorithm1", [dev], 0, max_in_flight)
-                primary = [outs[p] for p in scored]
+    return devices
 
+
+def naive_row(row: dict[str, Any], outs: list[torch.Tensor], stream: Stream) -> dict[str, Any]:
+    """The naive baseline of a G-only mode ``row``: frame t shows G's image of frame t - 1."""
+    naive = [outs[p - 1] for p in stream.scored]
+    return {**row, "model": f"{row['model']} (naive)", **score(naive, stream.targets), "distances": "1 (shown late)",
+            "order": row["order"] - 10}
+
+
+#: rows a variant adds to a G-only mode's row (``Variant.extra_rows`` names), each
+#: ``f(row, outputs of the stream, stream) -> row``; they come before that row
+EXTRA_ROWS: dict[str, Callable[[dict, list, Stream], dict]] = {"naive": naive_row}
+
+
+def generator_rows(model, stream: Stream, latency: dict[str, float], device: str, repeats: int,
+                   max_in_flight: int | None) -> tuple[list[dict], list[torch.Tensor], dict]:
+    """Table 1 for a baseline: G on every frame, one worker, plus the variant's
+    :data:`EXTRA_ROWS`. Returns the rows, the scored outputs and the row of G's own mode."""
+    outs, fps, stream_ms = run_mode(model, stream.frames, 0, "cache_first", [device], repeats, max_in_flight)
+    row = {"model": model.spec.label, "workers": 1, "latency_ms": latency["generator"], "fps": fps,
+           "stream_ms": stream_ms, "distances": "0", "order": 100 * model.spec.table_order + 50}
+    rows = [choose(EXTRA_ROWS, name, f"VARIANTS[{model.variant!r}].extra_rows")(row, outs, stream)
+            for name in model.spec.extra_rows]
+    primary = [outs[p] for p in stream.scored]
+    rows.append({**row, **score(primary, stream.targets)})
+    return rows, primary, rows[-1]
+
+
+def warp_rows(model, stream: Stream, latency: dict[str, float], warps, workers, devices: list[str], device: str,
+              repeats: int, max_in_flight: int | None,
+              show_progress: bool) -> tuple[list[dict], list[torch.Tensor], dict | None]:
+    """Table 1 for a warp variant: the online schedule for each warp distance in ``warps`` and
+    worker count in ``workers``. Returns the rows, the scored outputs of the model's own
+    ``warp_distance`` on one worker (run separately when ``warps`` lacks it) and that mode's
+    row (None when ``warps`` lacks it)."""
+    rows, primary, own = [], None, None
+    for k in progress(warps, desc="eval modes", enabled=None if show_progress else False):
+        for n in workers:
+            outs, fps, stream_ms = run_mode(model, stream.frames, k, "algorithm1", devices[:n], repeats,
+                                            max_in_flight)
+            images = [outs[p] for p in stream.scored]
+            rows.append({"model": f"{model.spec.label} ({k}x warp)", "workers": n, **score(images, stream.targets),
+                         "latency_ms": latency["warp"], "fps": fps, "stream_ms": stream_ms,
+                         "distances": _distances(k, n, "algorithm1"), "warp": k,
+                         "order": 100 * model.spec.table_order + 10 * k + n})
+            if k == model.warp_distance and n == 1:
+                primary, own = images, own or rows[-1]
+    if primary is None:  # the run's own k is not among the evaluated warps
+        outs, *_ = run_mode(model, stream.frames, model.warp_distance, "algorithm1", [device], 0, max_in_flight)
+        primary = [outs[p] for p in stream.scored]
+    return rows, primary, own
+
+
+def quality_metrics(model, primary: list[torch.Tensor], targets: list[torch.Tensor], with_lpips: bool,
+                    lpips_weights: str | None) -> dict[str, Any]:
+    """The variant's name and the scores (and LPIPS, or why it is missing) of its own mode."""
     metrics: dict[str, Any] = {"variant": model.variant, **score(primary, targets), "lpips": None}
     if with_lpips:
         try:
@@ -243,44 +303,57 @@ def evaluate_neural_cache(model, dataset: FrameDataset, run_dir: str | Path, *, 
             metrics["lpips_unavailable_reason"] = exc.reason
     else:
         metrics["lpips_unavailable_reason"] = "disabled by eval.lpips=false"
-    own = next((r for r in rows if r["workers"] == 1 and "naive" not in r["model"]
-                and r.get("warp", model.warp_distance) == model.warp_distance), None)
+    return metrics
+
+
+def cost_metrics(model, own: dict | None, latency: dict[str, float], flops: dict[str, int], num_frames: int,
+                 num_threads: int | None, devices: list[str], device: torch.device) -> dict[str, Any]:
+    """Speed and size: the latency of the network of the variant's own mode and its stream FPS
+    (from its Table 1 row ``own``; None without one), FLOPs and latencies of G (and W, with
+    their ratios), the stored model's size and parameter count, the device."""
     own_latency = latency["warp"] if model.warp is not None else latency["generator"]
-    metrics.update({"time_per_frame_ms": own_latency, "fps": own["fps"] if own else None, "num_test_frames": len(scored),
-                    "flops_generator": flops["generator"], "latency_generator_ms": latency["generator"],
-                    "eval_threads": num_threads, "eval_devices": devices[:max(workers)]})
+    out = {"time_per_frame_ms": own_latency, "fps": own["fps"] if own else None, "num_test_frames": num_frames,
+           "flops_generator": flops["generator"], "latency_generator_ms": latency["generator"],
+           "eval_threads": num_threads, "eval_devices": devices}
     if model.warp is not None:
-        metrics.update({"flops_warp": flops["warp"], "latency_warp_ms": latency["warp"],
-                        "warp_to_generator_latency": latency["warp"] / latency["generator"],
-                        "warp_to_generator_flops": flops["warp"] / flops["generator"]})
+        out.update({"flops_warp": flops["warp"], "latency_warp_ms": latency["warp"],
+                    "warp_to_generator_latency": latency["warp"] / latency["generator"],
+                    "warp_to_generator_flops": flops["warp"] / flops["generator"]})
     stored = model.stored_state_dict()
-    metrics.update({"model_size_mb": model_size_mb(stored), "model_size_fp16_mb": model_size_mb(stored, dtype=torch.float16),
-                    "num_parameters": int(sum(t.numel() for t in stored.values() if t.is_floating_point())),
-                    "device": dev + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")})
-    tables = {"table1": {"title": f"Table 1 (offline, {dataset.subject.name} test frames)",
-                         "columns": TABLE1_COLUMNS, "rows": rows}}
+    out.update({"model_size_mb": model_size_mb(stored), "model_size_fp16_mb": model_size_mb(stored, dtype=torch.float16),
+                "num_parameters": int(sum(t.numel() for t in stored.values() if t.is_floating_point())),
+                "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")})
+    return out
+
+
+def warp_tables(model, stream: Stream, metrics: dict[str, Any], latency: dict[str, float], ablation_distances,
+                online: bool, device: str, fps: float, run_dir: Path) -> dict[str, dict]:
+    """The warp variants' tables: inputs/cached layers (Tables 3-4, :class:`ImplicitWarp` only),
+    the warp-distance ablation (plotted to ``warp_distance.svg``, its path added to
+    ``metrics``) and the online rows. Empty for baselines."""
+    tables = {}
     if isinstance(model.warp, ImplicitWarp):
         scores = {k: metrics[k] for k in ("l1", "l2", "psnr", "ssim")}  # the primary (own warp distance, 1 worker)
         tables["warp_ablation"] = {"title": "Warp inputs and cached layers (Tables 3-4; 1x warp, 1 worker)",
                                    "columns": WARP_ABLATION_COLUMNS,
                                    "rows": [warp_ablation_row(model.warp, scores, latency)]}
     if model.warp is not None and ablation_distances:
-        drows = _warp_distance_ablation(model, frames, scored, targets, list(ablation_distances), dev)
+        drows = _warp_distance_ablation(model, stream.frames, stream.scored, stream.targets,
+                                        list(ablation_distances), device)
         tables["warp_distance"] = {"title": "Warp distance ablation (every test frame warped d frames ahead)",
                                    "columns": DISTANCE_COLUMNS, "rows": drows}
         if drows:
             xs = [r["distance"] for r in drows]
             line_plot_svg(run_dir / "warp_distance.svg", xs, {"PSNR (dB)": [r["psnr"] for r in drows]},
-                          title=f"{label}: PSNR vs warp distance", xlabel="warp distance (frames ahead)",
+                          title=f"{model.spec.label}: PSNR vs warp distance", xlabel="warp distance (frames ahead)",
                           ylabel="PSNR (dB)")
             metrics["warp_distance_plot"] = str(run_dir / "warp_distance.svg")
     if model.warp is not None and online:
         tables["online"] = {"title": "Online (Table 2 style): 1x warp at half the frame rate vs 2x at the full rate",
-                            "columns": ONLINE_COLUMNS, "rows": _online_rows(model, frames, scored, targets, dev,
-                                                                           dataset.subject.fps, label)}
-    metrics["tables"] = tables
-    _save_renders(run_dir, dataset, primary, targets, save_images, save_video, metrics)
-    return metrics
+                            "columns": ONLINE_COLUMNS, "rows": _online_rows(model, stream.frames, stream.scored,
+                                                                           stream.targets, device, fps,
+                                                                           model.spec.label)}
+    return tables
 
 
 def warp_ablation_row(warp: ImplicitWarp, scores: dict[str, float], latency: dict[str, float]) -> dict[str, Any]:
@@ -308,7 +381,7 @@ def _online_rows(model, frames, scored, targets, device, fps, label) -> list[dic
         outs, *_ = run_mode(model, [frames[i] for i in positions], k, "algorithm1", [device], 0, 1)
         by_pos = dict(zip(positions, outs))
         used = [(by_pos[p], t) for p, t in zip(scored, targets) if p in by_pos]
-        rows.append({"model": f"{label} ({k}x warp)", "rate": f"{rate:g} fps", "order": 10 * ROW_ORDER[model.variant] + k,
+        rows.append({"model": f"{label} ({k}x warp)", "rate": f"{rate:g} fps", "order": 10 * model.spec.table_order + k,
                      **score([u[0] for u in used], [u[1] for u in used]), "frames": len(used),
                      "distances": "2" if k == 1 else "1-2"})
     return rows

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,26 +42,33 @@ from headkit.data.dataset import FrameDataset
 from headkit.data.subject import Subject
 from headkit.engine.method import Method
 from headkit.metrics import psnr
+from headkit.registry import choose
 from neuralcache.generators import DNR, DNRPlus, DNRPlusPlus
 from neuralcache.inputs import FrameEncoder, FrameInputs, delayed_gaussian_filter, head_centres
 from neuralcache.losses import NeuralCacheLoss
 from neuralcache.scheduler import FunctionWorker
 from neuralcache.texture import NeuralTexture
-from neuralcache.warp import Cache, ExplicitWarp, ImplicitWarp
+from neuralcache.warp import Cache, ExplicitWarp, FrameParams, ImplicitWarp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NeuralCache", "VARIANTS", "Variant"]
+__all__ = ["NeuralCache", "VARIANTS", "Variant", "WARPS", "WarpKind", "ImplicitWarpKind", "ExplicitWarpKind",
+           "build_warp"]
 
 
 @dataclass(frozen=True)
 class Variant:
-    """How a ``model.variant`` is built: its generator, whether it warps, its frame inputs."""
+    """How a ``model.variant`` is built: its generator, its warp (a :data:`WARPS` name, None for
+    none), its frame inputs, its place in the paper's Table 1 (``table_order``: evaluation rows
+    carry an ``order`` from it for scripts/neuralcache_table.py) and the extra evaluation rows it
+    adds (:data:`neuralcache.evaluate.EXTRA_ROWS` names)."""
 
     label: str
     build_generator: Callable[[int, dict], nn.Module]
     warp: str | None = None  # "implicit" | "explicit" | None
     uses_previous_frame: bool = False
+    table_order: int = 0
+    extra_rows: tuple[str, ...] = ()
 
 
 def _dnr(D: int, g: dict) -> nn.Module:
@@ -77,12 +85,76 @@ def _dnr_plus_plus(D: int, g: dict) -> nn.Module:
 
 
 VARIANTS = {
-    "dnr": Variant("DNR", _dnr),
-    "dnr_plus": Variant("DNR+", _dnr_plus),
-    "dnr_plus_plus": Variant("DNR++", _dnr_plus_plus, uses_previous_frame=True),
-    "ours": Variant("Ours", _dnr_plus, warp="implicit"),
-    "explicit_warp": Variant("ExWarp", _dnr_plus, warp="explicit"),
+    "dnr": Variant("DNR", _dnr, table_order=0),
+    "dnr_plus": Variant("DNR+", _dnr_plus, table_order=1, extra_rows=("naive",)),
+    "dnr_plus_plus": Variant("DNR++", _dnr_plus_plus, uses_previous_frame=True, table_order=3),
+    "ours": Variant("Ours", _dnr_plus, warp="implicit", table_order=5),
+    "explicit_warp": Variant("ExWarp", _dnr_plus, warp="explicit", table_order=4),
 }
+
+
+class WarpKind(ABC):
+    """One kind of warp network W (a :data:`WARPS` entry): how it is built and what its cache
+    C_t holds. ``section`` names the model argument (YAML section) holding its options."""
+
+    section: str
+
+    @abstractmethod
+    def build(self, feature_channels: dict[int, int], texture_channels: int, sizes: dict[str, int],
+              options: dict) -> nn.Module:
+        """W for G's ``feature_channels`` (per layer), the texture's channels, the conditioning
+        ``sizes`` (``pose_dim``, ``expr_dim``, ``cam_dim``, ``sh_dim``) and its YAML ``options``."""
+
+    @abstractmethod
+    def make_cache(self, warp: nn.Module, generated: dict[str, Any], params: FrameParams) -> Cache:
+        """The cache W renders from, out of G's outputs (``return_features=True``) on a frame."""
+
+
+class ImplicitWarpKind(WarpKind):
+    """The paper's W (:class:`~neuralcache.warp.ImplicitWarp`, options ``model.warp``): caches
+    G's layers ``warp.cached_layers`` (Table 4)."""
+
+    section = "warp"
+
+    def build(self, feature_channels: dict[int, int], texture_channels: int, sizes: dict[str, int],
+              options: dict) -> nn.Module:
+        return ImplicitWarp(feature_channels=[feature_channels[k] for k in (3, 4, 5)],
+                            texture_channels=texture_channels, **sizes, **options)
+
+    def make_cache(self, warp: nn.Module, generated: dict[str, Any], params: FrameParams) -> Cache:
+        return Cache({k: generated["features"][k] for k in warp.cached_layers}, params, None)
+
+
+class ExplicitWarpKind(WarpKind):
+    """The explicit-warp baseline (:class:`~neuralcache.warp.ExplicitWarp`, options
+    ``model.explicit_warp``): caches C3 and G's image, which its flow moves."""
+
+    section = "explicit_warp"
+
+    def build(self, feature_channels: dict[int, int], texture_channels: int, sizes: dict[str, int],
+              options: dict) -> nn.Module:
+        return ExplicitWarp(c3_channels=feature_channels[3], **sizes, **options)
+
+    def make_cache(self, warp: nn.Module, generated: dict[str, Any], params: FrameParams) -> Cache:
+        return Cache({3: generated["features"][3]}, params, generated["images"])
+
+
+#: ``Variant.warp`` names -> warp kinds; a new warp is a :class:`WarpKind` subclass, an entry here
+#: and a variant naming it
+WARPS: dict[str, WarpKind] = {"implicit": ImplicitWarpKind(), "explicit": ExplicitWarpKind()}
+
+
+def build_warp(name: str, feature_channels: dict[int, int], texture_channels: int, sizes: dict[str, int],
+               sections: dict[str, dict | None], key: str = "model.variant") -> tuple[WarpKind, nn.Module]:
+    """The :data:`WARPS` kind ``name`` and its network, with the options of its section in
+    ``sections`` (``{"warp": ..., "explicit_warp": ...}``). Unknown names and unknown option keys
+    are errors naming ``key`` or the section."""
+    kind = choose(WARPS, name, key)
+    try:
+        return kind, kind.build(feature_channels, texture_channels, sizes, dict(sections.get(kind.section) or {}))
+    except TypeError as exc:  # an unknown key in the YAML
+        raise ValueError(f"model.{kind.section}: {exc}") from exc
+
 
 GENERATOR_DEFAULTS = {"channels": (16, 32, 64, 128, 256), "lowpass_sigma": 1.0, "norm": "instance"}
 TEXTURE_DEFAULTS = {"num_channels": 16, "resolution": 256, "num_levels": 4, "view_sh": True,
@@ -164,18 +236,13 @@ class NeuralCache(Method):
         self.texture = NeuralTexture(**tex)
         gen = _merged(GENERATOR_DEFAULTS, generator, "generator")
         self.generator = self.spec.build_generator(tex["num_channels"], gen)
-        feature_channels = self.generator.feature_channels
         sizes = {"pose_dim": 3, "expr_dim": subject.expression_dim, "cam_dim": 3, "sh_dim": 9}
+        self.warp_kind: WarpKind | None = None
         self.warp = None
-        try:
-            if self.spec.warp == "implicit":
-                self.warp = ImplicitWarp(feature_channels=[feature_channels[k] for k in (3, 4, 5)],
-                                         texture_channels=tex["num_channels"], **sizes, **(warp or {}))
-            elif self.spec.warp == "explicit":
-                self.warp = ExplicitWarp(c3_channels=feature_channels[3], **sizes, **(explicit_warp or {}))
-        except TypeError as exc:  # an unknown key in the YAML
-            key = "model.warp" if self.spec.warp == "implicit" else "model.explicit_warp"
-            raise ValueError(f"{key}: {exc}") from exc
+        if self.spec.warp is not None:
+            self.warp_kind, self.warp = build_warp(
+                self.spec.warp, self.generator.feature_channels, tex["num_channels"], sizes,
+                {"warp": warp, "explicit_warp": explicit_warp}, key=f"VARIANTS[{variant!r}].warp")
         self.loss = NeuralCacheLoss(**(loss or {}))
         self._uv_memo: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self._tracks: dict[int, dict[str, Tensor]] = {}
@@ -276,10 +343,9 @@ class NeuralCache(Method):
     def make_cache(self, inputs: FrameInputs, prev: FrameInputs | None = None) -> tuple[dict[str, Any], Cache]:
         """Run G on a frame and build its cache C_t (eq. 1). Returns ``(G outputs, cache)``."""
         out = self.generate(inputs, prev, return_features=True)
-        layers = self.warp.cached_layers if isinstance(self.warp, ImplicitWarp) else (3,)
-        cache = Cache({k: out["features"][k] for k in layers}, inputs.params,
-                      out["images"] if isinstance(self.warp, ExplicitWarp) else None)
-        return out, cache
+        if self.warp_kind is None:  # a baseline: nothing warps from it; G's C3 as the cache
+            return out, Cache({3: out["features"][3]}, inputs.params, None)
+        return out, self.warp_kind.make_cache(self.warp, out, inputs.params)
 
     def warp_frame(self, cache: Cache, inputs: FrameInputs) -> Tensor:
         """W: the image ``[B, H, W, 3]`` of a new frame rendered from a cache."""
@@ -412,6 +478,7 @@ class _WorkerModel:
 
     def __init__(self, model: NeuralCache, nets: nn.ModuleDict) -> None:
         self.spec, self.texture, self.generator = model.spec, nets["texture"], nets["generator"]
+        self.warp_kind = model.warp_kind
         self.warp = nets["warp"] if "warp" in nets else None
 
     sample_texture = NeuralCache.sample_texture

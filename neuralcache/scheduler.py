@@ -44,6 +44,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 __all__ = ["Worker", "FunctionWorker", "WorkerError", "Job", "plan_frame", "SequentialRenderer",
@@ -52,6 +53,7 @@ __all__ = ["Worker", "FunctionWorker", "WorkerError", "Job", "plan_frame", "Sequ
 THREAD_PREFIX = "neuralcache-worker"
 _SENTINEL = object()  # tells a worker thread to exit
 _WAKE = object()  # wakes the main thread after a worker failed
+_END = object()  # the input frames are exhausted
 
 
 class Worker(Protocol):
@@ -183,6 +185,24 @@ class SequentialRenderer:
         self.close()
 
 
+@dataclass
+class _Run:
+    """One :meth:`ParallelRenderer.run`: its queues, frames dispatched and output, outputs
+    waiting for their turn (with their dispatch and arrival times), cache jobs in flight."""
+
+    stop: threading.Event
+    in_qs: list[queue.Queue]  # one per worker
+    cache_q: queue.Queue  # cache-done notices
+    out_q: queue.Queue  # (t, output)
+    max_caches: int  # cache jobs allowed in flight
+    caches_in_flight: int = 0
+    dispatched: int = 0
+    next_out: int = 0
+    pending: dict[int, Any] = field(default_factory=dict)
+    starts: dict[int, float] = field(default_factory=dict)
+    arrivals: dict[int, float] = field(default_factory=dict)
+
+
 class ParallelRenderer:
     """Algorithm 1: one thread per device, alternating caching and warping.
 
@@ -273,81 +293,105 @@ class ParallelRenderer:
             raise RuntimeError("ParallelRenderer is closed")
         if self._running:
             raise RuntimeError("ParallelRenderer.run is already in progress")
-        n, k = len(self.devices), self.warp_distance
-        stop = threading.Event()
-        in_qs = [queue.Queue() for _ in range(n)]
-        cache_q, out_q = queue.Queue(), queue.Queue()
-        self._error, self._stop, self._queues = None, stop, in_qs + [cache_q, out_q]
-        self._running = True
-        self._threads = [
-            threading.Thread(target=self._worker_loop, args=(i, stop, in_qs[i], cache_q, out_q),
-                             name=f"{THREAD_PREFIX}-{i}-{d}", daemon=True)
-            for i, d in enumerate(self.devices)]
-        for th in self._threads:
-            th.start()
-        max_caches = n if self.schedule == "cache_first" else max(1, n - 1)
-        caches_in_flight, dispatched, next_out = 0, 0, 0
-        pending: dict[int, Any] = {}
-        starts: dict[int, float] = {}
-        arrivals: dict[int, float] = {}
+        run = self._start()
         self.latencies_s = []
         source = iter(frames)
         exhausted = False
         try:
             while True:
-                while next_out in pending:
-                    self.latencies_s.append(arrivals.pop(next_out) - starts.pop(next_out))
-                    yield next_out, pending.pop(next_out)
-                    next_out += 1
-                    if self._error is not None:
-                        raise self._error
-                    if stop.is_set():
-                        return  # closed by the consumer while it held this output
-                if exhausted and next_out == dispatched:
-                    # Let trailing cache jobs (no output of their own) finish, so their errors
-                    # surface here instead of vanishing with the threads.
-                    while caches_in_flight > 0:
-                        if self._get(cache_q, stop) is _SENTINEL:
-                            return
-                        caches_in_flight -= 1
+                if (yield from self._emit_ready(run)):
+                    return  # closed by the consumer while it held an output
+                if exhausted and run.next_out == run.dispatched:
+                    self._drain_caches(run)
                     return
-                if not exhausted and dispatched - next_out < self.max_in_flight:
-                    try:
-                        frame = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        continue
-                    t = dispatched
-                    starts[t] = time.perf_counter()
-                    for job in plan_frame(t, k, n, self.schedule):
-                        if job.op == "cache":
-                            # Algorithm 1: wait for caching to complete before a new cache job.
-                            while caches_in_flight >= max_caches:
-                                if self._get(cache_q, stop) is _SENTINEL:
-                                    return
-                                caches_in_flight -= 1
-                            caches_in_flight += 1
-                        in_qs[job.worker].put((t, frame, job))
-                    dispatched += 1
+                if not exhausted and run.dispatched - run.next_out < self.max_in_flight:
+                    frame = next(source, _END)
+                    exhausted = frame is _END
+                    if not exhausted and not self._dispatch(run, frame):
+                        return
                     continue
-                item = self._get(out_q, stop)
-                if item is _SENTINEL:
+                if not self._receive(run):
                     return
-                t, output = item
-                if t in pending or t < next_out:
-                    raise RuntimeError(f"frame {t} was output twice")  # a worker bug, never silent
-                pending[t] = output
-                arrivals[t] = time.perf_counter()
-                # Cache completions are consumed lazily; keep the count honest meanwhile.
-                while True:
-                    try:
-                        item = cache_q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not _WAKE:
-                        caches_in_flight -= 1
         finally:
             self._shutdown()
+
+    def _start(self) -> _Run:
+        """Fresh queues and one started thread per worker for a :meth:`run`."""
+        n = len(self.devices)
+        run = _Run(stop=threading.Event(), in_qs=[queue.Queue() for _ in range(n)], cache_q=queue.Queue(),
+                   out_q=queue.Queue(), max_caches=n if self.schedule == "cache_first" else max(1, n - 1))
+        self._error, self._stop, self._queues = None, run.stop, run.in_qs + [run.cache_q, run.out_q]
+        self._running = True
+        self._threads = [
+            threading.Thread(target=self._worker_loop, args=(i, run.stop, run.in_qs[i], run.cache_q, run.out_q),
+                             name=f"{THREAD_PREFIX}-{i}-{d}", daemon=True)
+            for i, d in enumerate(self.devices)]
+        for th in self._threads:
+            th.start()
+        return run
+
+    def _emit_ready(self, run: _Run) -> Iterator[tuple[int, Any]]:
+        """Yield the received outputs that are next in input order; returns True when the run
+        was stopped (closed) while the consumer held one."""
+        while run.next_out in run.pending:
+            t = run.next_out
+            self.latencies_s.append(run.arrivals.pop(t) - run.starts.pop(t))
+            yield t, run.pending.pop(t)
+            run.next_out += 1
+            if self._error is not None:
+                raise self._error
+            if run.stop.is_set():
+                return True
+        return False
+
+    def _cache_done(self, run: _Run) -> bool:
+        """Wait for one cache job to complete; False when the run was stopped meanwhile."""
+        if self._get(run.cache_q, run.stop) is _SENTINEL:
+            return False
+        run.caches_in_flight -= 1
+        return True
+
+    def _drain_caches(self, run: _Run) -> None:
+        """Let trailing cache jobs (no output of their own) finish, so their errors surface here
+        instead of vanishing with the threads."""
+        while run.caches_in_flight > 0:
+            if not self._cache_done(run):
+                return
+
+    def _dispatch(self, run: _Run, frame: Any) -> bool:
+        """Queue the jobs of the next frame; False when the run was stopped meanwhile."""
+        t = run.dispatched
+        run.starts[t] = time.perf_counter()
+        for job in plan_frame(t, self.warp_distance, len(self.devices), self.schedule):
+            if job.op == "cache":
+                # Algorithm 1: wait for caching to complete before a new cache job.
+                while run.caches_in_flight >= run.max_caches:
+                    if not self._cache_done(run):
+                        return False
+                run.caches_in_flight += 1
+            run.in_qs[job.worker].put((t, frame, job))
+        run.dispatched += 1
+        return True
+
+    def _receive(self, run: _Run) -> bool:
+        """Wait for one output and hold it until its turn; False when the run was stopped."""
+        item = self._get(run.out_q, run.stop)
+        if item is _SENTINEL:
+            return False
+        t, output = item
+        if t in run.pending or t < run.next_out:
+            raise RuntimeError(f"frame {t} was output twice")  # a worker bug, never silent
+        run.pending[t] = output
+        run.arrivals[t] = time.perf_counter()
+        # Cache completions are consumed lazily; keep the count honest meanwhile.
+        while True:
+            try:
+                item = run.cache_q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _WAKE:
+                run.caches_in_flight -= 1
+        return True
 
     def _shutdown(self) -> None:
         """Stop the workers, drain the queues, join the threads (idempotent)."""

@@ -1,4 +1,4 @@
-"""Static 3DGS fitter (headkit.gaussian_fit) on scenes rendered from known Gaussians."""
+"""Static 3DGS fitter (headkit.fitting) on scenes rendered from known Gaussians."""
 
 import json
 import math
@@ -9,8 +9,9 @@ import torch
 
 from headkit.cameras import camtoworld_to_viewmat, intrinsics_from_fov, look_at, quat_to_rotmat, so3_exp
 from headkit.data.subject import Subject
-from headkit.gaussian_fit import (densify_and_prune, estimate_rigid, fit_static_gaussians, initial_points,
-                                  knn_scales, scene_cameras, scene_scale_of)
+from headkit.fitting import (DEFAULT_DENSIFY, DensityControl, FitLog, FrameOrder, densify_and_prune, estimate_rigid,
+                             fit_static_gaussians, initial_parameters, initial_points, knn_scales, make_optimizer,
+                             position_lr, reset_opacity, scene_cameras, scene_scale_of)
 from headkit.render.gaussians import rasterize_gaussians
 
 SH_C0 = 0.28209479177387814
@@ -219,7 +220,7 @@ def test_fit_3dgs_writes_a_complete_run_folder(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from headkit.data.folder import write_subject_folder
-    from headkit.gaussian_fit import fit_3dgs
+    from headkit.fitting import fit_3dgs
     from headkit.ply import load_ply
 
     subject, _ = gaussian_scene(N=12, yaws=(-20, 0, 20, 10), num_test=1)
@@ -243,3 +244,59 @@ def test_fit_3dgs_writes_a_complete_run_folder(tmp_path):
     with pytest.warns(UserWarning, match="already holds a run"):
         metrics2 = fit_3dgs(cfg)
     assert metrics2["run_dir"] == str(tmp_path / "run-1")
+
+
+def test_old_import_paths_give_the_fitting_package_objects():
+    import headkit.fitting as fitting
+    import headkit.gaussian_densify as old_densify
+    import headkit.gaussian_fit as old_fit
+    for name in old_fit.__all__:
+        assert getattr(old_fit, name) is getattr(fitting, name), name
+    assert old_densify.densify_and_prune is fitting.densify_and_prune
+    assert old_densify.DEFAULT_DENSIFY is fitting.DEFAULT_DENSIFY
+    assert old_fit._remap_optimizer is old_densify._remap_optimizer is fitting.remap_optimizer
+
+
+def test_position_lr_decays_log_linearly_from_the_first_to_the_last_step():
+    lrs = {"means": 1e-3, "means_final": 1e-5}
+    assert position_lr(1, 11, lrs, 2.0) == pytest.approx(2e-3)
+    assert position_lr(6, 11, lrs, 2.0) == pytest.approx(2e-4)  # halfway in log space
+    assert position_lr(11, 11, lrs, 2.0) == pytest.approx(2e-5)
+    assert position_lr(1, 1, lrs, 1.0) == pytest.approx(1e-3)  # a one-step run stays at the start
+
+
+def test_frame_order_takes_every_frame_once_per_epoch():
+    order = FrameOrder(5, torch.Generator().manual_seed(0))
+    first = torch.cat([order.take(2), order.take(2)])
+    assert len(set(first.tolist())) == 4  # no repeats within an epoch
+    rest = order.take(2)  # one left from epoch 1, then a fresh permutation
+    assert sorted(first.tolist() + rest[:1].tolist()) == list(range(5))
+
+
+def test_fit_log_reports_window_means_every_log_every_steps_and_at_the_end():
+    seen = []
+    log = FitLog(5, 2, callback=lambda step, s: seen.append((step, s)), show_progress=False)
+    for step, (loss, value) in zip(log.bar, [(1.0, 10.0), (3.0, 20.0), (5.0, 30.0), (7.0, 40.0), (9.0, 50.0)]):
+        log.record(loss, value)
+        log.flush(step, num_gaussians=4, sh_degree=0, lr_means=0.1)
+    assert log.history == [(2, 2.0, 15.0), (4, 6.0, 35.0), (5, 9.0, 50.0)]
+    assert [step for step, _ in seen] == [2, 4, 5]
+    assert seen[0][1] == {"loss": 2.0, "psnr": 15.0, "num_gaussians": 4, "sh_degree": 0, "lr_means": 0.1}
+
+
+def test_density_control_acts_in_the_first_half_and_resets_opacities():
+    means = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    params = initial_parameters(means, None, 0, 0.5, torch.device("cpu"))
+    optimizer = make_optimizer(params, {"means": 1e-3, "scales": 1e-3, "quats": 1e-3, "opacities": 1e-3,
+                                        "sh_dc": 1e-3, "sh_rest": 1e-3}, 1.0)
+    control = DensityControl({**DEFAULT_DENSIFY, "stop": 100}, steps=10, num_gaussians=4, scene_scale=1.0,
+                             generator=None, device=torch.device("cpu"))
+    assert control.active(4) and not control.active(5)  # stop = min(100, 10 // 2)
+    sum(p.sum() for p in params.values()).backward()
+    optimizer.step()
+    means_moments = optimizer.state[params["means"]]["exp_avg"].clone()
+    reset = reset_opacity(optimizer, params)
+    torch.testing.assert_close(torch.sigmoid(reset["opacity_logits"]), torch.full((4,), 0.01))
+    assert not optimizer.state[reset["opacity_logits"]]["exp_avg"].any()  # moments restart (3DGS)
+    assert reset["means"] is params["means"]  # the other parameters and their state are untouched
+    assert torch.equal(optimizer.state[reset["means"]]["exp_avg"], means_moments) and means_moments.any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,11 +18,11 @@ from headkit.data.dataset import FrameDataset
 from headkit.data.synthetic import generate_synthetic_subject
 from headkit.engine.trainer import train
 from headkit.plot import line_plot_svg, nice_ticks
-from neuralcache.evaluate import TABLE1_COLUMNS, build_stream, score
-from neuralcache.inputs import (FrameEncoder, delayed_gaussian_filter, render_uv_maps, spherical_uvs,
-                                stabilizing_transforms, warp_images)
-from neuralcache.model import VARIANTS, NeuralCache
+from neuralcache.evaluate import EXTRA_ROWS, TABLE1_COLUMNS, Stream, build_stream, generator_rows, naive_row, score
+from neuralcache.inputs import FrameEncoder, delayed_gaussian_filter, render_uv_maps, spherical_uvs, warp_images
+from neuralcache.model import VARIANTS, WARPS, ExplicitWarpKind, ImplicitWarpKind, NeuralCache, build_warp
 from neuralcache.scheduler import ParallelRenderer, SequentialRenderer, plan_frame
+from neuralcache.warp import ExplicitWarp, ImplicitWarp
 from tests.conftest import make_tiny_subject
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -448,3 +449,44 @@ def test_warp_with_texture_sample_of_the_new_frame_trains_and_uses_it(subject):
         assert not torch.allclose(model.warp_frame(cache, new), image)
         with pytest.raises(ValueError, match="use_texture needs textures"):
             model.warp(cache, new.params)
+
+
+# ---------------------------------------------------------------- registries
+def test_warp_registry_builds_each_kind_with_its_cache_layout_and_names_unknown_ones(subject):
+    expected = {"implicit": (ImplicitWarpKind, ImplicitWarp), "explicit": (ExplicitWarpKind, ExplicitWarp)}
+    assert set(WARPS) == set(expected)
+    channels, sizes = {3: 16, 4: 16, 5: 12}, {"pose_dim": 3, "expr_dim": 5, "cam_dim": 3, "sh_dim": 9}
+    sections = {"warp": {"mlp_dim": 4, "cached_layers": [3, 4]}, "explicit_warp": {"hidden_channels": 8}}
+    for name, (kind_class, net_class) in expected.items():
+        kind, warp = build_warp(name, channels, 16, sizes, sections)
+        assert isinstance(kind, kind_class) and type(warp) is net_class
+        assert sum(v == name for v in (VARIANTS[n].warp for n in VARIANTS)) == 1  # a variant uses it
+    with pytest.raises(ValueError, match=r"VARIANTS\['x'\]\.warp='flow'; expected one of \['explicit', 'implicit'\]"):
+        build_warp("flow", channels, 16, sizes, sections, key="VARIANTS['x'].warp")
+    with pytest.raises(ValueError, match="model.explicit_warp: .*bogus"):
+        build_warp("explicit", channels, 16, sizes, {"explicit_warp": {"bogus": 1}})
+    # what each kind caches: Table 4's layers for W, C3 and G's image for the explicit warp
+    for variant, layers, has_image in (("ours", [3, 4, 5], False), ("explicit_warp", [3], True)):
+        model = _model(subject, variant).eval()
+        assert model.warp_kind is WARPS[VARIANTS[variant].warp]
+        frame = model.encoder(model.frame_batch(FrameDataset(subject, "all"), [2], "cpu"))
+        with torch.no_grad():
+            out, cache = model.make_cache(frame)
+        assert sorted(cache.features) == layers and (cache.images is not None) == has_image
+        if has_image:
+            assert torch.equal(cache.images, out["images"])
+    assert _model(subject, "dnr").warp_kind is None
+
+
+def test_extra_rows_registry_adds_the_naive_row_and_names_unknown_ones(subject):
+    assert EXTRA_ROWS == {"naive": naive_row} and VARIANTS["dnr_plus"].extra_rows == ("naive",)
+    outs = [torch.full((1, 16, 16, 3), v) for v in (0.1, 0.2, 0.3)]
+    stream = Stream(frames=[{}] * 3, scored=[1, 2], targets=[torch.full((1, 16, 16, 3), 0.2)] * 2)
+    row = naive_row({"model": "DNR+", "workers": 1, "distances": "0", "order": 150}, outs, stream)
+    assert row["model"] == "DNR+ (naive)" and row["order"] == 140 and row["distances"] == "1 (shown late)"
+    assert row["l1"] == pytest.approx(0.05)  # frames 1, 2 show outputs 0 and 1 (0.1 and 0.2 vs 0.2)
+    model = _model(subject, "dnr_plus").eval()
+    model.spec = dataclasses.replace(model.spec, extra_rows=("naive", "bogus"))
+    frames, scored, targets = build_stream(model, FrameDataset(subject, "test"), warmup=1)
+    with pytest.raises(ValueError, match=r"VARIANTS\['dnr_plus'\]\.extra_rows='bogus'; expected one of \['naive'\]"):
+        generator_rows(model, Stream(frames, scored, targets), {"generator": 1.0}, "cpu", 0, 1)

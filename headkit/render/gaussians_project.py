@@ -72,8 +72,7 @@ def project_gaussians(
         ``means2d [C, N, 2]``, ``conics [C, N, 3]``, ``depths [C, N]`` (camera z), ``radii
         [C, N, 2]`` int32. Culled entries of the float outputs are finite but meaningless.
     """
-    rotmats = quat_to_rotmat(quats)  # [N, 3, 3]
-    Ms = rotmats * scales[:, None, :]  # [N, 3, 3], Sigma = M M^T
+    Ms = quat_to_rotmat(quats) * scales[:, None, :]  # [N, 3, 3], Sigma = M M^T
     Ws = viewmats[:, :3, :3]  # [C, 3, 3]
     means_c = torch.einsum("cij,nj->cni", Ws, means) + viewmats[:, None, :3, 3]  # [C, N, 3]
     xs, ys, zs = means_c.unbind(-1)  # [C, N] each
@@ -83,6 +82,22 @@ def project_gaussians(
     safe_zs = torch.where(in_range, zs, torch.ones_like(zs))
     fxs, fys = Ks[:, 0, 0, None], Ks[:, 1, 1, None]  # [C, 1]
     cxs, cys = Ks[:, 0, 2, None], Ks[:, 1, 2, None]  # [C, 1]
+    means2d, tu, tv = _pinhole(xs, ys, safe_zs, (fxs, fys, cxs, cys), width, height)  # [C, N, 2], [C, N] x 2
+    cov_xx, cov_xy, cov_yy = _covariance_2d(Ws, Ms, fxs, fys, safe_zs, tu, tv, eps2d)  # [C, N] each
+    dets = cov_xx * cov_yy - cov_xy * cov_xy
+    valid = in_range & (dets > 0)
+    safe_dets = torch.where(valid, dets, torch.ones_like(dets))
+    conics = torch.stack([cov_yy / safe_dets, -cov_xy / safe_dets, cov_xx / safe_dets], dim=-1)  # [C, N, 3]
+    radii = _screen_radii(opacities, cov_xx, cov_yy, means2d, valid, width, height)  # [C, N, 2]
+    return means2d, conics, zs, radii
+
+
+def _pinhole(xs: Tensor, ys: Tensor, safe_zs: Tensor,  # [C, N] camera coordinates, z > 0
+             intrinsics: tuple[Tensor, Tensor, Tensor, Tensor],  # fx, fy, cx, cy: [C, 1] each
+             width: int, height: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pixel centres ``means2d [C, N, 2]`` and the normalised coordinates ``tu, tv [C, N]``
+    clamped to 1.3x the field of view (where the Jacobian of off-screen Gaussians is taken)."""
+    fxs, fys, cxs, cys = intrinsics
     lim_x_pos = (width - cxs) / fxs + 0.15 * width / fxs
     lim_x_neg = cxs / fxs + 0.15 * width / fxs
     lim_y_pos = (height - cys) / fys + 0.15 * height / fys
@@ -91,11 +106,18 @@ def project_gaussians(
     v = ys / safe_zs
     tu = torch.minimum(torch.maximum(u, -lim_x_neg), lim_x_pos)
     tv = torch.minimum(torch.maximum(v, -lim_y_neg), lim_y_pos)
-
     means2d = torch.stack([fxs * u + cxs, fys * v + cys], dim=-1)  # [C, N, 2]
+    return means2d, tu, tv
 
+
+def _covariance_2d(Ws: Tensor, Ms: Tensor,  # [C, 3, 3], [N, 3, 3]
+                   fxs: Tensor, fys: Tensor,  # [C, 1] each
+                   safe_zs: Tensor, tu: Tensor, tv: Tensor,  # [C, N] each
+                   eps2d: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Entries ``xx, xy, yy`` (``[C, N]`` each) of ``Sigma2d = J W Sigma W^T J^T + eps2d I``
+    with ``Sigma = M M^T``."""
     # J W as two rows [C, N, 3]; then A = J W M and Sigma2d = A A^T (symmetric by construction).
-    zeros = torch.zeros_like(u)
+    zeros = torch.zeros_like(tu)
     j0 = torch.stack([fxs / safe_zs, zeros, -fxs * tu / safe_zs], dim=-1)  # [C, N, 3]
     j1 = torch.stack([zeros, fys / safe_zs, -fys * tv / safe_zs], dim=-1)
     jw0 = torch.einsum("cnk,ckj->cnj", j0, Ws)  # [C, N, 3]
@@ -105,25 +127,26 @@ def project_gaussians(
     cov_xx = (a0 * a0).sum(-1) + eps2d  # [C, N]
     cov_xy = (a0 * a1).sum(-1)
     cov_yy = (a1 * a1).sum(-1) + eps2d
-    dets = cov_xx * cov_yy - cov_xy * cov_xy
-    valid = in_range & (dets > 0)
-    safe_dets = torch.where(valid, dets, torch.ones_like(dets))
-    conics = torch.stack([cov_yy / safe_dets, -cov_xy / safe_dets, cov_xx / safe_dets], dim=-1)
+    return cov_xx, cov_xy, cov_yy
 
-    with torch.no_grad():
-        ops = opacities.detach().expand_as(zs)  # [C, N]
-        # A new tensor: `valid` itself is saved by torch.where above for the backward pass.
-        keep = valid & (ops >= ALPHA_THRESHOLD)
-        extents = torch.sqrt(2.0 * torch.log(ops.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD))
-        extents = extents.clamp_max(MAX_EXTENT)
-        radii = torch.stack([torch.ceil(extents * cov_xx.detach().sqrt()),
-                             torch.ceil(extents * cov_yy.detach().sqrt())], dim=-1)  # [C, N, 2]
-        keep &= (radii > 0).any(-1)
-        m2d = means2d.detach()
-        keep &= (m2d[..., 0] + radii[..., 0] > 0) & (m2d[..., 0] - radii[..., 0] < width)
-        keep &= (m2d[..., 1] + radii[..., 1] > 0) & (m2d[..., 1] - radii[..., 1] < height)
-        radii = torch.where(keep[..., None], radii, torch.zeros_like(radii)).to(torch.int32)
-    return means2d, conics, zs, radii
+
+@torch.no_grad()
+def _screen_radii(opacities: Tensor, cov_xx: Tensor, cov_yy: Tensor,  # [N], [C, N], [C, N]
+                  means2d: Tensor, valid: Tensor, width: int, height: int) -> Tensor:  # [C, N, 2], [C, N]
+    """Opacity-aware box half-sizes ``radii [C, N, 2]`` int32, zero for culled Gaussians
+    (``valid`` false, opacity below 1/255, or a box that misses the image)."""
+    ops = opacities.detach().expand_as(cov_xx)  # [C, N]
+    # A new tensor: `valid` itself is saved by torch.where in the caller for the backward pass.
+    keep = valid & (ops >= ALPHA_THRESHOLD)
+    extents = torch.sqrt(2.0 * torch.log(ops.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD))
+    extents = extents.clamp_max(MAX_EXTENT)
+    radii = torch.stack([torch.ceil(extents * cov_xx.detach().sqrt()),
+                         torch.ceil(extents * cov_yy.detach().sqrt())], dim=-1)  # [C, N, 2]
+    keep &= (radii > 0).any(-1)
+    m2d = means2d.detach()
+    keep &= (m2d[..., 0] + radii[..., 0] > 0) & (m2d[..., 0] - radii[..., 0] < width)
+    keep &= (m2d[..., 1] + radii[..., 1] > 0) & (m2d[..., 1] - radii[..., 1] < height)
+    return torch.where(keep[..., None], radii, torch.zeros_like(radii)).to(torch.int32)
 
 
 def camera_centers(viewmats: Tensor) -> Tensor:  # viewmats: [C, 4, 4]
