@@ -42,9 +42,10 @@ import torch
 from headkit.data.dataset import FrameDataset
 from headkit.data.image_io import to_uint8, write_image
 from headkit.engine.evaluate import write_video
-from headkit.progress import progress
+from headkit.errors import InvalidConfigValue
 from headkit.metrics import MetricUnavailable, l2, lpips, model_size_mb, psnr, ssim, time_fn
 from headkit.plot import line_plot_svg
+from headkit.progress import progress
 from headkit.registry import choose
 from neuralcache.scheduler import ParallelRenderer, SequentialRenderer
 from neuralcache.warp import ImplicitWarp, count_flops
@@ -235,7 +236,7 @@ def eval_devices(device: torch.device, devices: list[str] | None, workers) -> li
         else:
             devices = [str(device)] * max(workers)
     if max(workers) > len(devices):
-        raise ValueError(f"model.evaluation.workers={list(workers)} needs {max(workers)} devices, "
+        raise InvalidConfigValue(f"model.evaluation.workers={list(workers)} needs {max(workers)} devices, "
                          f"model.evaluation.devices has {devices}")
     return devices
 

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from headkit.cameras import so3_log, transform_points
 from headkit.data.subject import Subject
+from headkit.errors import InvalidConfigValue
 from headkit.render.mesh_raster import interpolate, rasterize_mesh
 from neuralcache.warp import FrameParams, pose_sh
 
@@ -99,7 +100,7 @@ def template_uvs(subject: Subject, source: str = "template") -> tuple[Tensor, Te
     when it has none (``how`` says which was used); ``"spherical"`` forces the fallback.
     """
     if source not in ("template", "spherical"):
-        raise ValueError(f"model.inputs.uv_source must be 'template' or 'spherical', got {source!r}")
+        raise InvalidConfigValue(f"model.inputs.uv_source must be 'template' or 'spherical', got {source!r}")
     if source == "template" and subject.uvs is not None:
         uvs = torch.as_tensor(np.asarray(subject.uvs), dtype=torch.float32)
         if not torch.isfinite(uvs).all() or uvs.min() < -1e-3 or uvs.max() > 1 + 1e-3:
@@ -274,7 +275,7 @@ class FrameEncoder(nn.Module):
             self.stabilize = (stabilize if isinstance(stabilize, StabilizationConfig)
                               else StabilizationConfig(**(stabilize or {})))
         except TypeError as exc:  # an unknown key in the YAML
-            raise ValueError(f"model.inputs.stabilize: {exc}") from exc
+            raise InvalidConfigValue(f"model.inputs.stabilize: {exc}") from exc
         uvs, uv_faces, self.uv_how = template_uvs(subject, uv_source)
         self.register_buffer("faces", torch.as_tensor(np.asarray(subject.faces), dtype=torch.int64), persistent=False)
         self.register_buffer("uvs", uvs, persistent=False)

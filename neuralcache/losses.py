@@ -24,6 +24,7 @@ import logging
 import torch
 from torch import Tensor
 
+from headkit.errors import InvalidConfigValue
 from headkit.lpips_net import MetricUnavailable, get_lpips
 from neuralcache.texture import texture_l1
 
@@ -51,7 +52,7 @@ class NeuralCacheLoss:
                            ("current_image_weight", current_image_weight),
                            ("current_perceptual_weight", current_perceptual_weight)):
             if not value >= 0:
-                raise ValueError(f"invalid config value model.loss.{key}={value} (must be >= 0)")
+                raise InvalidConfigValue(f"invalid config value model.loss.{key}={value} (must be >= 0)")
         self.weights = {"texture": texture, "image": image, "perceptual": perceptual}
         self.current_image_weight = current_image_weight
         self.current_perceptual_weight = current_perceptual_weight

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from headkit.data.dataset import FrameDataset
 from headkit.data.subject import Subject
 from headkit.engine.method import Method
+from headkit.errors import InvalidConfigValue
 from headkit.metrics import psnr
 from headkit.registry import choose
 from neuralcache.generators import DNR, DNRPlus, DNRPlusPlus
@@ -153,7 +154,7 @@ def build_warp(name: str, feature_channels: dict[int, int], texture_channels: in
     try:
         return kind, kind.build(feature_channels, texture_channels, sizes, dict(sections.get(kind.section) or {}))
     except TypeError as exc:  # an unknown key in the YAML
-        raise ValueError(f"model.{kind.section}: {exc}") from exc
+        raise InvalidConfigValue(f"model.{kind.section}: {exc}") from exc
 
 
 GENERATOR_DEFAULTS = {"channels": (16, 32, 64, 128, 256), "lowpass_sigma": 1.0, "norm": "instance"}
@@ -165,7 +166,7 @@ OPTIM_DEFAULTS = {"lr": 1e-4, "texture_lr": 1e-3, "betas": (0.9, 0.999), "gamma"
 def _merged(defaults: dict, given: dict | None, key: str) -> dict:
     unknown = sorted(set(given or {}) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(f'model.{key}.{k}' for k in unknown)}; "
+        raise InvalidConfigValue(f"unknown config key(s) {', '.join(f'model.{key}.{k}' for k in unknown)}; "
                          f"expected some of {sorted(defaults)}")
     return {**defaults, **(given or {})}
 
@@ -209,19 +210,19 @@ class NeuralCache(Method):
                  standardize_warp_inputs: bool = True) -> None:
         super().__init__()
         if variant not in VARIANTS:
-            raise ValueError(f"invalid config value model.variant={variant!r}; expected one of {sorted(VARIANTS)}")
+            raise InvalidConfigValue(f"invalid config value model.variant={variant!r}; expected one of {sorted(VARIANTS)}")
         if int(warp_distance) < 1:
-            raise ValueError(f"invalid config value model.warp_distance={warp_distance} (must be >= 1)")
+            raise InvalidConfigValue(f"invalid config value model.warp_distance={warp_distance} (must be >= 1)")
         self.variant, self.spec = variant, VARIANTS[variant]
         self.warp_distance = int(warp_distance)
         self.train_warp_distances = [int(d) for d in (train_warp_distances or range(1, self.warp_distance + 1))]
         if min(self.train_warp_distances) < 1:
-            raise ValueError(f"invalid config value model.train_warp_distances={train_warp_distances} (each >= 1)")
+            raise InvalidConfigValue(f"invalid config value model.train_warp_distances={train_warp_distances} (each >= 1)")
         self.expression_dim = subject.expression_dim
         self.optim = _merged(OPTIM_DEFAULTS, optim, "optim")
         for key in ("lr", "texture_lr"):
             if not self.optim[key] > 0:
-                raise ValueError(f"invalid config value model.optim.{key}={self.optim[key]} (must be > 0)")
+                raise InvalidConfigValue(f"invalid config value model.optim.{key}={self.optim[key]} (must be > 0)")
         self.evaluation = dict(evaluation or {})
         self.cache_uv_maps = cache_uv_maps
 
@@ -229,7 +230,7 @@ class NeuralCache(Method):
         self.encoder = FrameEncoder(subject, uv_source=inputs.pop("uv_source", "template"),
                                     stabilize=inputs.pop("stabilize", None))
         if inputs:
-            raise ValueError(f"unknown config key(s) {', '.join('model.inputs.' + k for k in inputs)}")
+            raise InvalidConfigValue(f"unknown config key(s) {', '.join('model.inputs.' + k for k in inputs)}")
         if self.encoder.uv_how != "template":
             log.info("texture coordinates: %s", self.encoder.uv_how)
         tex = _merged(TEXTURE_DEFAULTS, texture, "texture")
