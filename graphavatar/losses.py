@@ -19,23 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headkit.metrics import MetricUnavailable, dssim, lpips
+from headkit.losses import photometric_loss
+from headkit.metrics import MetricUnavailable, lpips
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphAvatarLoss", "photometric_loss", "targets_over_background"]
-
-
-def photometric_loss(
-    images: Tensor,  # [B, H, W, 3]
-    targets: Tensor,  # [B, H, W, 3]
-    l1_weight: float,
-    dssim_weight: float,
-) -> tuple[Tensor, Tensor]:
-    """``(l1_weight · L1, dssim_weight · D-SSIM)``, batch means (3DGS's ``border="same"`` SSIM)."""
-    l1 = (images - targets).abs().mean()
-    ds = dssim(images, targets, border="same").mean() if dssim_weight else images.new_zeros(())
-    return l1_weight * l1, dssim_weight * ds
+__all__ = ["GraphAvatarLoss"]
 
 
 class GraphAvatarLoss:
@@ -122,12 +111,3 @@ class GraphAvatarLoss:
             largest = outputs["anchor_scales"].amax(dim=-1) / edge_length
             losses["scale_hinge"] = self.scale_hinge["weight"] * F.relu(largest - self.scale_hinge["max"]).mean()
         return losses
-
-
-def targets_over_background(
-    images: Tensor,  # [B, H, W, 3]
-    masks: Tensor,  # [B, H, W, 1]
-    background: Tensor,  # [3]
-) -> Tensor:
-    """Ground truth composited over the background colour with the mask, ``[B, H, W, 3]``."""
-    return images * masks + background * (1.0 - masks)

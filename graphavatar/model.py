@@ -42,22 +42,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from headkit.cameras import invert_rigid, transform_points
+from headkit.cameras import head_poses, invert_rigid, transform_points
 from headkit.data.dataset import FrameDataset
 from headkit.data.subject import Subject, SubjectError
 from headkit.encodings import eval_sh
 from headkit.engine.method import Method, TrainContext
-from headkit.gaussian_fit import estimate_rigid
+from headkit.losses import composite_over_background
 from headkit.mesh import vertex_normals
 from headkit.render.gaussians import rasterize_gaussians
 
 from .enhancer import DepthEnhancer
 from .ggo import GraphGuidedOptimization, apply_pose_delta
 from .graph_unet import AppearanceHead, GeometryHead
-from .losses import GraphAvatarLoss, targets_over_background
+from .losses import GraphAvatarLoss
 from .neural_gaussians import NeuralGaussians
 from .sampling import build_mesh_hierarchy
-from .settings import DEFAULTS, ConfigValueError, section
+from .settings import ConfigValueError, defaults, section
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,10 @@ class GraphAvatar(Method):
     """Graph U-Nets → anchor + neural Gaussians → splatting → depth-aware enhancer.
 
     Built from a :class:`Subject` (template topology, expression size, image size, depth
-    range). Every other argument is one section of ``configs/model/graphavatar.yaml``; see
-    :data:`graphavatar.settings.DEFAULTS` for keys and defaults. ``*.enabled`` switches give the
-    paper's ablations (``warmup``, ``neural_gaussians``, ``ggo``, ``enhancer``); a disabled
-    module has no parameters at all.
+    range). Every other argument is one section of ``configs/model/graphavatar.yaml``, the file
+    that holds the keys and defaults (:func:`graphavatar.settings.defaults`). ``*.enabled``
+    switches give the paper's ablations (``warmup``, ``neural_gaussians``, ``ggo``,
+    ``enhancer``); a disabled module has no parameters at all.
 
     Args:
         subject: the training subject.
@@ -119,13 +119,14 @@ class GraphAvatar(Method):
         any data, so training reports a bad key or value before the subject is loaded
         (:func:`headkit.engine.trainer.validate_model_config`); raises :class:`ConfigValueError`
         naming the key, e.g. ``model.optim.lr.unets``."""
-        known = {"expression_dim", "input_space", *DEFAULTS}
+        sections = defaults()
+        known = {"expression_dim", "input_space", *sections}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ConfigValueError(f"unknown config key(s) {', '.join('model.' + k for k in unknown)}; "
                                    f"known: {sorted(known)}")
-        for name in DEFAULTS:
-            section(name, settings.get(name))
+        for name in sections:
+            section(name, settings.get(name), sections)
         if settings.get("input_space", "head") not in ("head", "world"):
             raise ConfigValueError(f"invalid config value model.input_space={settings['input_space']!r}: "
                                    "must be 'head' or 'world'")
@@ -143,7 +144,8 @@ class GraphAvatar(Method):
         given = dict(hierarchy=hierarchy, unet=unet, geometry=geometry, appearance=appearance,
                      neural_gaussians=neural_gaussians, ggo=ggo, enhancer=enhancer, render=render,
                      warmup=warmup, loss=loss, optim=optim)
-        self.settings = {name: section(name, value) for name, value in given.items()}
+        sections = defaults()
+        self.settings = {name: section(name, value, sections) for name, value in given.items()}
         s = self.settings
         if expression_dim is not None and int(expression_dim) != subject.expression_dim:
             raise SubjectError(f"subject '{subject.name}' has expression size {subject.expression_dim} "
@@ -193,10 +195,9 @@ class GraphAvatar(Method):
 
     # ----------------------------------------------------------------------------- stages
     def frame_head_poses(self, batch: dict[str, Tensor]) -> Tensor:
-        """Tracked head-to-world poses ``[B, 4, 4]``: the data's, else Kabsch template → vertices."""
-        if self.head_poses_given:
-            return batch["head_pose"]
-        return estimate_rigid(self.template, batch["vertices"])
+        """Tracked head-to-world poses ``[B, 4, 4]`` (:func:`headkit.cameras.head_poses`): the data's,
+        else Kabsch template → vertices."""
+        return head_poses(batch["head_pose"] if self.head_poses_given else None, self.template, batch["vertices"])
 
     def local_poses(self, batch: dict[str, Tensor]) -> Tensor:
         """Local (Gaussian) frame to world ``[B, 4, 4]``: the head pose, or identity for ``world``."""
@@ -298,7 +299,7 @@ class GraphAvatar(Method):
         composited over the background colour with the masks (for real data whose background
         is not the render background)."""
         if self.settings["render"]["composite_gt"]:
-            return targets_over_background(batch["image"], batch["mask"], self.background)
+            return composite_over_background(batch["image"], batch["mask"], self.background)
         return batch["image"]
 
     def get_loss_dict(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:

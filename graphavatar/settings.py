@@ -1,9 +1,10 @@
 """GraphAvatar's configuration sections: defaults, merging and validation with named keys.
 
 Each constructor argument of :class:`graphavatar.model.GraphAvatar` is a section of
-``configs/model/graphavatar.yaml`` (a plain dict after Hydra). :func:`section` merges it over
-:data:`DEFAULTS` and rejects unknown keys and invalid values with the full config key in the
-message (``model.optim.lr.unets``), as RELIABILITY.md asks. The defaults are the CPU-sized
+``configs/model/graphavatar.yaml`` (a plain dict after Hydra). That file is the one source of
+the defaults (:func:`defaults`): :func:`section` merges the given values over its section and
+rejects unknown keys and invalid values with the full config key in the message
+(``model.optim.lr.unets``), as RELIABILITY.md asks. The defaults are the CPU-sized
 synthetic-subject settings; ``experiment=insta_subject`` holds the paper's.
 """
 
@@ -11,36 +12,41 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from headkit.errors import InvalidConfigValue
 
-__all__ = ["DEFAULTS", "ConfigValueError", "section"]
+from .warmup import ANCHOR_LOSSES
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "hierarchy": {"factors": [4, 8], "preserve_border": False, "cache_dir": None},
-    "unet": {"filters": [16, 16], "K": 3, "latent": 8, "bottleneck": "global", "skip": True, "num_freqs": 0},
-    "geometry": {"offset_scale": None, "scale_init": None},
-    "appearance": {"sh_degree": 3, "opacity_init": 0.1},
-    "neural_gaussians": {"enabled": True, "num_offsets": 2, "feature_dim": 4, "hidden_dim": 32,
-                         "use_distance": False, "local_frame": False, "opacity_threshold": 0.0,
-                         "offset_init_std": 1.0, "opacity_init": 0.1},
-    "ggo": {"enabled": True, "num_heads": 4, "num_freqs": 10, "dropout": 0.0, "pose_side": "right",
-            "apply_on_test": False},
-    "enhancer": {"enabled": True, "channels": [16, 32, 64], "film_hidden": 16, "depth_offset": None,
-                 "depth_scale": None},
-    "render": {"background": [1.0, 1.0, 1.0], "composite_gt": False, "backend": "auto", "tile_size": None,
-               "near_plane": 0.01},
-    "warmup": {"enabled": True, "steps": 500, "loss": "mse", "batch_size": 1, "lr": 2e-3, "log_every": 50,
-               "weights": {"means": 1.0, "scales": 1.0, "quats": 1.0, "sh": 1.0, "opacities": 1.0},
-               "fit_steps": 1000, "fit_sh_increase_every": 250, "fit_batch_size": 1},
-    "loss": {"l1": 0.8, "dssim": 0.2, "lpips": 0.1, "lpips_from_step": 0, "coarse": 0.1, "alpha_bce": 0.1,
-             "offset_hinge": {"weight": 0.0, "max": 3.0}, "scale_hinge": {"weight": 0.0, "max": 3.0},
-             "ggo_reg": {"pose": 1000.0, "expression": 10.0},
-             "lpips_weights": None},
-    "optim": {"lr": {"unets": 1e-3, "neural_mlps": 2e-3, "neural_anchors": 1e-2, "ggo": 1e-4, "enhancer": 1e-3},
-              "schedule": "exponential", "final_ratio": 0.1, "max_steps": 3000},
-}
+__all__ = ["CONFIG_DIR", "MODEL_CONFIG", "NOT_SECTIONS", "defaults", "ConfigValueError", "section"]
+
+#: the project's Hydra configs (the package is installed editable from the repository)
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+MODEL_CONFIG = CONFIG_DIR / "model" / "graphavatar.yaml"
+#: top-level keys of the model config that are not sections
+NOT_SECTIONS = ("_target_", "expression_dim", "input_space")
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """The sections of ``configs/model/graphavatar.yaml`` as plain dicts.
+
+    A value the file takes from another config group (``${trainer.max_steps}``,
+    ``${paths.data_dir}/...``) is resolved against that group's ``configs/<group>/default.yaml``,
+    as in the composed default config; a model built through Hydra gets every key given. The one
+    exception is ``hierarchy.cache_dir``: a model built without a run's config (tests, notebooks)
+    knows no data folder, so it caches nothing rather than writing into the working directory.
+    """
+    if not MODEL_CONFIG.is_file():
+        raise FileNotFoundError(f"{MODEL_CONFIG} not found: GraphAvatar's defaults are read from the repository's "
+                                f"configs/ (install the package editable: pip install -e .)")
+    groups = {path.parent.name: OmegaConf.load(path) for path in sorted(CONFIG_DIR.glob("*/default.yaml"))}
+    root = OmegaConf.create({"model": OmegaConf.load(MODEL_CONFIG), **groups})
+    model = OmegaConf.to_container(root.model, resolve=True)
+    model["hierarchy"]["cache_dir"] = None
+    return {name: value for name, value in model.items() if name not in NOT_SECTIONS}
 
 
 class ConfigValueError(InvalidConfigValue):
@@ -112,7 +118,8 @@ def _check(name: str, s: dict, p: str) -> None:
              "must be 3 numbers in [0, 1]")
         need("backend", s["backend"] in ("auto", "torch", "gsplat"), "must be auto, torch or gsplat")
     elif name == "warmup":
-        need("loss", s["loss"] in ("mse", "l1"), "must be 'mse' or 'l1'")
+        need("loss", isinstance(s["loss"], str) and s["loss"] in ANCHOR_LOSSES,
+             f"must be one of {', '.join(map(repr, ANCHOR_LOSSES))}")
         for key in ("steps",):
             need(key, isinstance(s[key], int) and s[key] >= 0, "must be an integer >= 0")
         for key in ("batch_size", "log_every", "fit_steps", "fit_sh_increase_every", "fit_batch_size"):
@@ -145,10 +152,10 @@ def _get(s: dict, dotted: str) -> Any:
     return s
 
 
-def section(name: str, given: dict | None) -> dict:
-    """``DEFAULTS[name]`` updated with ``given`` (recursively) and validated; keys are named
-    ``model.<name>.<key>`` in errors."""
+def section(name: str, given: dict | None, sections: dict[str, dict] | None = None) -> dict:
+    """The default section ``name`` (from ``sections``, else :func:`defaults`) updated with
+    ``given`` (recursively) and validated; keys are named ``model.<name>.<key>`` in errors."""
     prefix = f"model.{name}"
-    merged = _merge(DEFAULTS[name], dict(given or {}), prefix)
+    merged = _merge((sections or defaults())[name], dict(given or {}), prefix)
     _check(name, merged, prefix)
     return merged

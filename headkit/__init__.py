@@ -1,5 +1,5 @@
 """headkit: what GraphAvatar and the neural-cache model share (cameras, meshes, renderers, data,
-metrics and the run engine)."""
+metrics, image losses and the run engine)."""
 
 import os
 

@@ -26,6 +26,8 @@ __all__ = [
     "intrinsics_from_fov",
     "make_intrinsics",
     "invert_rigid",
+    "estimate_rigid",
+    "head_poses",
     "camtoworld_to_viewmat",
     "viewmat_to_camtoworld",
     "transform_points",
@@ -136,6 +138,37 @@ def invert_rigid(mats: Tensor) -> Tensor:  # [..., 4, 4]
     rot_t = mats[..., :3, :3].transpose(-1, -2)
     trans = -(rot_t @ mats[..., :3, 3:4])[..., 0]
     return _rigid(rot_t, trans)
+
+
+def estimate_rigid(sources: Tensor, targets: Tensor) -> Tensor:  # [V, 3], [..., V, 3]
+    """Least-squares rigid transforms ``[..., 4, 4]`` mapping ``sources`` onto ``targets``
+    (Kabsch: SVD of the centred cross-covariance, reflection removed), in float64."""
+    src = sources.double()
+    dst = targets.double()
+    src_c, dst_c = src.mean(-2, keepdim=True), dst.mean(-2, keepdim=True)
+    H = (src - src_c).transpose(-1, -2) @ (dst - dst_c)  # [..., 3, 3]
+    U, _, Vh = torch.linalg.svd(H)
+    det = torch.linalg.det(Vh.transpose(-1, -2) @ U.transpose(-1, -2))
+    d = torch.where(det < 0, -1.0, 1.0).to(det)
+    D = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1))
+    R = Vh.transpose(-1, -2) @ D @ U.transpose(-1, -2)
+    t = dst_c[..., 0, :] - (R @ src_c[..., 0, :, None])[..., 0]
+    out = torch.zeros(R.shape[:-2] + (4, 4), dtype=torch.float64, device=R.device)
+    out[..., :3, :3], out[..., :3, 3], out[..., 3, 3] = R, t, 1.0
+    return out.to(targets.dtype)
+
+
+def head_poses(
+    tracked: Tensor | None,  # [..., 4, 4] head-to-world from the tracker, or None
+    template: Tensor,  # [V, 3] head frame
+    vertices: Tensor,  # [..., V, 3] tracked, world
+) -> Tensor:
+    """Head-to-world poses ``[..., 4, 4]`` of tracked frames: the tracker's ``tracked`` poses when
+    the data has them, else a rigid Kabsch fit of the template onto the tracked vertices
+    (:func:`estimate_rigid`)."""
+    if tracked is not None:
+        return tracked
+    return estimate_rigid(template, vertices)
 
 
 def camtoworld_to_viewmat(camtoworlds: Tensor) -> Tensor:  # [..., 4, 4]

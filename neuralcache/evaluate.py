@@ -40,8 +40,7 @@ import numpy as np
 import torch
 
 from headkit.data.dataset import FrameDataset
-from headkit.data.image_io import to_uint8, write_image
-from headkit.engine.evaluate import write_video
+from headkit.engine.evaluate import save_test_renders, side_by_side
 from headkit.errors import InvalidConfigValue
 from headkit.metrics import MetricUnavailable, l2, lpips, model_size_mb, psnr, ssim, time_fn
 from headkit.plot import line_plot_svg
@@ -390,14 +389,8 @@ def _online_rows(model, frames, scored, targets, device, fps, label) -> list[dic
 
 def _save_renders(run_dir: Path, dataset: FrameDataset, images, targets, save_images: bool, save_video: bool,
                   metrics: dict) -> None:
-    frames = []
-    for fid, pred, gt in zip(dataset.frame_ids, images, targets):
-        side = to_uint8(torch.cat([pred[0].clamp(0, 1), gt[0]], dim=1).cpu().numpy())
-        frames.append(side)
-        if save_images:
-            write_image(run_dir / "test_renders" / f"{int(fid):05d}.png", side)
-    if save_video and frames:
-        video = write_video(run_dir / "test_side_by_side.mp4", frames, fps=dataset.subject.fps)
-        metrics["video"] = str(video) if video else None
+    frames = [side_by_side(pred[0], gt[0]) for pred, gt in zip(images, targets)]
+    metrics.update(save_test_renders(run_dir, dataset.frame_ids, frames, dataset.subject.fps,
+                                     save_images=save_images, save_video=save_video))
     if not math.isfinite(metrics["psnr"]):
         log.warning("non-finite test PSNR")

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from headkit.cameras import so3_log, transform_points
 from headkit.data.subject import Subject
 from headkit.errors import InvalidConfigValue
+from headkit.fitting.scene import frame_head_poses
 from headkit.render.mesh_raster import interpolate, rasterize_mesh
 from neuralcache.warp import FrameParams, pose_sh
 
@@ -151,13 +152,6 @@ def delayed_gaussian_filter(values: Tensor, size: int = 5, sigma: float = 1.0) -
     padded = torch.cat([values[:1].expand(size - 1, -1), values], dim=0)  # [T + size - 1, D]
     windows = padded.unfold(0, size, 1)  # [T, D, size], oldest first
     return (windows * weights.to(values.device)).sum(-1)
-
-
-def frame_head_poses(subject: Subject) -> Tensor:
-    """Head-to-world ``[T, 4, 4]``: ``subject.head_poses``, else a per-frame Kabsch fit of the
-    template onto the tracked vertices (see :func:`headkit.gaussian_fit.frame_head_poses`)."""
-    from headkit.gaussian_fit import frame_head_poses as _poses
-    return _poses(subject).float()
 
 
 def head_centres(head_poses: Tensor, template_centroid: Tensor) -> Tensor:  # [T, 4, 4], [3]

@@ -40,7 +40,7 @@ from .subject import Subject, SubjectError, holdout_split
 
 __all__ = ["load_insta", "map_frames", "frame_number", "normalised_times", "resize_frames",
            "resize_images", "scale_intrinsics",
-           "parse_image_size", "require_dir", "read_mesh_vertices_obj", "load_template_obj"]
+           "parse_image_size", "require_dir", "read_mesh_vertices_obj", "load_template_obj", "tracked_subject"]
 
 _FRAME_KEYS = ("transform_matrix", "file_path", "mesh_path", "exp_path")
 _INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
@@ -156,28 +156,11 @@ def load_insta(
         camtoworlds = camtoworlds @ _GL_TO_CV
     Ks = scale_intrinsics(np.stack([e["K"] for e in entries]), (H, W), size)
 
-    subject = Subject(
-        name=root.name,
-        faces=template_mesh["faces"],
-        template_vertices=template_mesh["vertices"],
-        vertices=vertices,
-        expressions=expressions,
-        Ks=Ks.astype(np.float32),
-        camtoworlds=camtoworlds.astype(np.float32),
-        times=normalised_times(numbers),
-        images=images,
-        masks=masks,
-        train_ids=train_ids,
-        test_ids=test_ids,
-        fps=float(fps),
-        uvs=template_mesh["uvs"],
-        uv_faces=template_mesh["uv_faces"],
-        meta={"source": "insta", "root": str(root), "split": split, "split_files": used,
-              "template": os.path.relpath(template_path, root),
-              "camera_convention": camera_convention,
-              "frame_numbers": [int(n) for n in numbers]},
-    )
-    return subject.validate(str(root))
+    return tracked_subject(
+        root, "insta", template_mesh, numbers, vertices=vertices, expressions=expressions, Ks=Ks,
+        camtoworlds=camtoworlds, images=images, masks=masks, train_ids=train_ids, test_ids=test_ids, fps=fps,
+        meta={"split": split, "split_files": used, "template": os.path.relpath(template_path, root),
+              "camera_convention": camera_convention})
 
 
 def _read_json(path: Path) -> dict:
@@ -329,6 +312,34 @@ def require_dir(root: str | os.PathLike, what: str, marker: str) -> Path:
             f"an existing one, or make a subject folder from your own video with "
             f"'python scripts/prepare_data.py source=video video=PATH out=DIR' and use data=subject")
     return root
+
+
+def tracked_subject(root: Path, source: str, template_mesh: dict, numbers: np.ndarray, *, vertices, expressions,
+                    Ks, camtoworlds, images, masks, train_ids, test_ids, fps: float, meta: dict) -> Subject:
+    """The validated :class:`Subject` of a tracker's output read in place (INSTA, NBS): named
+    after ``root``; faces, template and UVs from ``template_mesh`` (:func:`load_template_obj`);
+    vertices, expressions and cameras as float32; times from the frame ``numbers``
+    (:func:`normalised_times`); ``meta`` is ``source``, ``root``, then the given ``meta`` and
+    the ``frame_numbers``. Errors name ``root``."""
+    subject = Subject(
+        name=root.name,
+        faces=template_mesh["faces"],
+        template_vertices=template_mesh["vertices"],
+        vertices=np.asarray(vertices, np.float32),
+        expressions=np.asarray(expressions, np.float32),
+        Ks=Ks.astype(np.float32),
+        camtoworlds=camtoworlds.astype(np.float32),
+        times=normalised_times(numbers),
+        images=images,
+        masks=masks,
+        train_ids=train_ids,
+        test_ids=test_ids,
+        fps=float(fps),
+        uvs=template_mesh["uvs"],
+        uv_faces=template_mesh["uv_faces"],
+        meta={"source": source, "root": str(root), **meta, "frame_numbers": [int(n) for n in numbers]},
+    )
+    return subject.validate(str(root))
 
 
 def map_frames(fn, num_frames: int, num_workers: int) -> None:

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from .image_io import read_mask, read_rgb
-from .insta import (load_template_obj, map_frames, normalised_times, parse_image_size, require_dir,
-                    resize_images, scale_intrinsics)
+from .insta import (load_template_obj, map_frames, parse_image_size, require_dir,
+                    resize_images, scale_intrinsics, tracked_subject)
 from .subject import Subject, SubjectError, holdout_split
 
 __all__ = ["load_nbs", "load_tracker_frame", "read_ply_mesh", "EXPRESSION_PARTS"]
@@ -194,27 +194,13 @@ def load_nbs(
         slices[name] = [start, start + first[name]]
         start += first[name]
 
-    subject = Subject(
-        name=root.name,
-        faces=template_mesh["faces"],
-        template_vertices=template_mesh["vertices"],
-        vertices=np.stack([r["vertices"] for r in records]).astype(np.float32),
-        expressions=np.stack([r["expression"] for r in records]).astype(np.float32),
-        Ks=Ks.astype(np.float32),
-        camtoworlds=np.stack([r["camtoworld"] for r in records]).astype(np.float32),
-        times=normalised_times(numbers),
-        images=images,
-        masks=masks,
-        train_ids=train_ids,
-        test_ids=test_ids,
-        fps=float(fps),
-        uvs=template_mesh["uvs"],
-        uv_faces=template_mesh["uv_faces"],
-        meta={"source": "nbs", "root": str(root), "tracker_root": str(tracker),
-              "template": str(template_path), "expression_parts": list(expression_parts),
-              "expression_slices": slices, "frame_numbers": [int(n) for n in numbers]},
-    )
-    return subject.validate(str(root))
+    return tracked_subject(
+        root, "nbs", template_mesh, numbers, vertices=np.stack([r["vertices"] for r in records]),
+        expressions=np.stack([r["expression"] for r in records]), Ks=Ks,
+        camtoworlds=np.stack([r["camtoworld"] for r in records]), images=images, masks=masks, train_ids=train_ids,
+        test_ids=test_ids, fps=fps,
+        meta={"tracker_root": str(tracker), "template": str(template_path), "expression_parts": list(expression_parts),
+              "expression_slices": slices})
 
 
 def _numbered_files(folder: Path, suffix: str) -> list[int]:

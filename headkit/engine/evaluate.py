@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from headkit.data.dataset import FrameDataset
-from headkit.data.image_io import to_uint8
+from headkit.data.image_io import to_uint8, write_image
 from headkit.progress import progress
 from headkit.metrics import MetricUnavailable, l2, lpips, model_size_mb, psnr, ssim, time_fn
 
@@ -40,6 +40,26 @@ def write_video(path: str | Path, frames: list[np.ndarray], fps: float) -> Path 
         return None
 
 
+def side_by_side(pred: torch.Tensor, target: torch.Tensor) -> np.ndarray:  # [H, W, 3] each
+    """``render | ground truth`` as one uint8 image ``[H, 2W, 3]`` (the render clamped to [0, 1])."""
+    return to_uint8(torch.cat([pred.clamp(0, 1), target], dim=1).cpu().numpy())
+
+
+def save_test_renders(run_dir: str | Path, frame_ids, frames: list[np.ndarray], fps: float, *,
+                      save_images: bool = True, save_video: bool = True) -> dict[str, Any]:
+    """Save the test split's :func:`side_by_side` ``frames``: ``run_dir/test_renders/NNNNN.png``
+    (``NNNNN`` the frame id) when ``save_images``, and ``run_dir/test_side_by_side.mp4`` when
+    ``save_video``. Returns ``{"video": path or None}`` when a video was asked for, else ``{}``."""
+    run_dir = Path(run_dir)
+    if save_images:
+        for fid, frame in zip(frame_ids, frames):
+            write_image(run_dir / "test_renders" / f"{int(fid):05d}.png", frame)
+    if not (save_video and frames):
+        return {}
+    video = write_video(run_dir / "test_side_by_side.mp4", frames, fps=fps)
+    return {"video": str(video) if video else None}
+
+
 @torch.no_grad()
 def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device: torch.device | None = None,
                     save_images: bool = True, save_video: bool = True, with_lpips: bool = True,
@@ -56,7 +76,7 @@ def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device
     model.eval()
     per_frame: dict[str, list[float]] = {"l2": [], "psnr": [], "ssim": [], "lpips": []}
     lpips_reason = None if with_lpips else "disabled by eval.lpips=false"
-    frames = []
+    frames, frame_ids = [], []
     for pos in progress(range(len(dataset)), desc="eval", enabled=None if show_progress else False):
         batch = dataset.batch([pos], device)
         pred = model.render_eval(batch).clamp(0, 1)
@@ -69,11 +89,8 @@ def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device
                 per_frame["lpips"].append(lpips(pred, gt, alexnet_path=lpips_weights).item())
             except MetricUnavailable as exc:
                 lpips_reason = exc.reason
-        side = to_uint8(torch.cat([pred[0], gt[0]], dim=1).cpu().numpy())
-        frames.append(side)
-        if save_images:
-            from headkit.data.image_io import write_image
-            write_image(run_dir / "test_renders" / f"{int(batch['index'][0]):05d}.png", side)
+        frames.append(side_by_side(pred[0], gt[0]))
+        frame_ids.append(int(batch["index"][0]))
     metrics: dict[str, Any] = {k: float(np.mean(v)) for k, v in per_frame.items() if k != "lpips"}
     metrics["lpips"] = float(np.mean(per_frame["lpips"])) if lpips_reason is None else None
     if lpips_reason is not None:
@@ -90,9 +107,8 @@ def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device
     metrics["model_size_fp16_mb"] = model_size_mb(stored, dtype=torch.float16)
     metrics["num_parameters"] = int(sum(t.numel() for t in stored.values() if t.is_floating_point()))
     metrics["device"] = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    if save_video and frames:
-        video = write_video(run_dir / "test_side_by_side.mp4", frames, fps=dataset.subject.fps)
-        metrics["video"] = str(video) if video else None
+    metrics.update(save_test_renders(run_dir, frame_ids, frames, dataset.subject.fps, save_images=save_images,
+                                     save_video=save_video))
     return metrics
 
 

@@ -21,12 +21,12 @@ from headkit.fitting.run import fit_3dgs
 from headkit.fitting.scene import (estimate_rigid, frame_head_poses, initial_points, knn_scales, scene_cameras,
                                    scene_scale_of)
 from headkit.fitting.static import (FitLog, FitResult, FitState, FrameOrder, check_fit_options, evaluate_fit,
-                                    fit_datasets, fit_static_gaussians, fit_step, image_targets, photometric_loss,
-                                    render_frames, render_parameters)
+                                    fit_datasets, fit_static_gaussians, fit_step, image_targets, render_frames,
+                                    render_parameters)
 
 __all__ = ["DEFAULT_DENSIFY", "DensityControl", "densify_and_prune", "logit", "remap_optimizer", "reset_opacity",
            "DEFAULT_LRS", "PARAM_NAMES", "SH_C0", "initial_parameters", "make_optimizer", "merge_options",
            "position_lr", "fit_3dgs", "estimate_rigid", "frame_head_poses", "initial_points", "knn_scales",
            "scene_cameras", "scene_scale_of", "FitLog", "FitResult", "FitState", "FrameOrder", "check_fit_options",
-           "evaluate_fit", "fit_datasets", "fit_static_gaussians", "fit_step", "image_targets", "photometric_loss",
+           "evaluate_fit", "fit_datasets", "fit_static_gaussians", "fit_step", "image_targets",
            "render_frames", "render_parameters"]

@@ -5,7 +5,7 @@ is the head in its own coordinate frame, so with ``head_space=True`` every frame
 re-expressed relative to the head, ``viewmat_head = viewmat @ head_pose`` (head-to-camera),
 and the points live in head coordinates (the template vertices). Head poses come from
 ``subject.head_poses`` or, when the source has none, from a rigid Kabsch fit of the template
-to the frame's tracked vertices (:func:`estimate_rigid`).
+to the frame's tracked vertices (:func:`headkit.cameras.head_poses`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from headkit.cameras import camtoworld_to_viewmat, invert_rigid, transform_points
+from headkit.cameras import camtoworld_to_viewmat, estimate_rigid, head_poses, invert_rigid, transform_points
 from headkit.data.subject import Subject
 
 __all__ = ["knn_scales", "estimate_rigid", "frame_head_poses", "scene_cameras", "initial_points",
@@ -47,30 +47,12 @@ def knn_scales(points: Tensor, k: int = 3, chunk: Optional[int] = None) -> Tenso
     return torch.cat(out).clamp_min(1e-7).sqrt()
 
 
-def estimate_rigid(sources: Tensor, targets: Tensor) -> Tensor:  # [V, 3], [..., V, 3]
-    """Least-squares rigid transforms ``[..., 4, 4]`` mapping ``sources`` onto ``targets``
-    (Kabsch: SVD of the centred cross-covariance, reflection removed), in float64."""
-    src = sources.double()
-    dst = targets.double()
-    src_c, dst_c = src.mean(-2, keepdim=True), dst.mean(-2, keepdim=True)
-    H = (src - src_c).transpose(-1, -2) @ (dst - dst_c)  # [..., 3, 3]
-    U, _, Vh = torch.linalg.svd(H)
-    det = torch.linalg.det(Vh.transpose(-1, -2) @ U.transpose(-1, -2))
-    d = torch.where(det < 0, -1.0, 1.0).to(det)
-    D = torch.diag_embed(torch.stack([torch.ones_like(d), torch.ones_like(d), d], -1))
-    R = Vh.transpose(-1, -2) @ D @ U.transpose(-1, -2)
-    t = dst_c[..., 0, :] - (R @ src_c[..., 0, :, None])[..., 0]
-    out = torch.zeros(R.shape[:-2] + (4, 4), dtype=torch.float64, device=R.device)
-    out[..., :3, :3], out[..., :3, 3], out[..., 3, 3] = R, t, 1.0
-    return out.to(targets.dtype)
-
-
 def frame_head_poses(subject: Subject) -> Tensor:
-    """Head-to-world ``[T, 4, 4]``: ``subject.head_poses``, or Kabsch template -> tracked vertices."""
-    if subject.head_poses is not None:
-        return torch.from_numpy(np.asarray(subject.head_poses, np.float32))
-    return estimate_rigid(torch.from_numpy(subject.template_vertices).float(),
-                          torch.from_numpy(subject.vertices).float())
+    """Head-to-world ``[T, 4, 4]`` of every frame of ``subject`` (:func:`headkit.cameras.head_poses`:
+    ``subject.head_poses``, or Kabsch template -> tracked vertices)."""
+    tracked = None if subject.head_poses is None else torch.from_numpy(np.asarray(subject.head_poses, np.float32))
+    return head_poses(tracked, torch.from_numpy(subject.template_vertices).float(),
+                      torch.from_numpy(subject.vertices).float())
 
 
 def scene_cameras(subject: Subject, head_space: bool) -> tuple[Tensor, Tensor]:

@@ -38,12 +38,13 @@ from headkit.engine.guards import check_finite
 from headkit.fitting.densify import DEFAULT_DENSIFY, DensityControl
 from headkit.fitting.params import DEFAULT_LRS, initial_parameters, make_optimizer, merge_options, position_lr
 from headkit.fitting.scene import scene_cameras, scene_scale_of
-from headkit.metrics import compute_image_metrics, dssim, psnr
+from headkit.losses import composite_over_background, photometric_loss
+from headkit.metrics import compute_image_metrics, psnr
 from headkit.progress import progress
 from headkit.render.gaussians import rasterize_gaussians
 
 __all__ = ["FitResult", "fit_static_gaussians", "fit_datasets", "check_fit_options", "FrameOrder", "FitState",
-           "fit_step", "FitLog", "render_parameters", "photometric_loss", "image_targets", "render_frames",
+           "fit_step", "FitLog", "render_parameters", "image_targets", "render_frames",
            "evaluate_fit"]
 
 
@@ -239,7 +240,8 @@ class FitState:
 def fit_step(state: FitState, positions: Tensor, step: int, sh_degree: int,
              keep_means2d_grad: bool = False) -> tuple[float, float, dict]:
     """One optimiser step on the frames at dataset ``positions [B]``: render with SH up to
-    ``sh_degree``, :func:`photometric_loss` (checked finite), backward, Adam.
+    ``sh_degree``, 3DGS's ``(1 - λ) L1 + λ D-SSIM`` (:func:`headkit.losses.photometric_loss`,
+    checked finite), backward, Adam.
 
     Returns the loss, the PSNR of the clamped renders and the rasterizer's ``info``
     (``info["means2d"].grad`` kept when ``keep_means2d_grad``, for density control).
@@ -253,7 +255,8 @@ def fit_step(state: FitState, positions: Tensor, step: int, sh_degree: int,
                                       sh_degree, state.background, state.backend)
     if keep_means2d_grad:
         info["means2d"].retain_grad()
-    loss = photometric_loss(renders, targets, state.lambda_dssim)
+    l1, ds = photometric_loss(renders, targets, 1 - state.lambda_dssim, state.lambda_dssim)
+    loss = l1 + ds
     check_finite({"loss": loss}, step)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -275,17 +278,11 @@ def render_parameters(params: dict[str, Tensor], viewmats: Tensor, Ks: Tensor,  
     return renders, info
 
 
-def photometric_loss(renders: Tensor, targets: Tensor, lambda_dssim: float) -> Tensor:  # [B, H, W, 3] each
-    """3DGS's loss ``(1 - l) L1 + l (1 - SSIM)`` (SSIM zero-padded, as 3DGS trains)."""
-    l1 = (renders - targets).abs().mean()
-    return (1 - lambda_dssim) * l1 + lambda_dssim * dssim(renders, targets, border="same").mean()
-
-
 def image_targets(batch: dict, background: Tensor, use_mask: bool) -> Tensor:  # -> [B, H, W, 3]
     """The image, composited over ``background`` by the mask when ``use_mask``."""
     if not use_mask:
         return batch["image"]
-    return batch["image"] * batch["mask"] + background * (1.0 - batch["mask"])
+    return composite_over_background(batch["image"], batch["mask"], background)
 
 
 class FitLog:
