@@ -57,11 +57,12 @@ from .graph_unet import AppearanceHead, GeometryHead
 from .losses import GraphAvatarLoss
 from .neural_gaussians import NeuralGaussians
 from .sampling import build_mesh_hierarchy
+from .schedules import LRSchedule
 from .settings import ConfigValueError, defaults, section
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphAvatar", "LRSchedule", "depth_normalisation"]
+__all__ = ["GraphAvatar", "depth_normalisation"]
 
 
 def depth_normalisation(subject: Subject) -> tuple[float, float]:
@@ -79,22 +80,6 @@ def depth_normalisation(subject: Subject) -> tuple[float, float]:
     template = subject.template_vertices.astype(np.float64)
     scale = float(np.linalg.norm(template - template.mean(0), axis=-1).max())
     return offset, max(scale, 1e-6)
-
-
-class LRSchedule:
-    """Learning-rate factor per step (``LambdaLR``): constant, exponential or cosine decay to
-    ``final_ratio`` at ``max_steps`` (held there afterwards)."""
-
-    def __init__(self, kind: str, final_ratio: float, max_steps: int) -> None:
-        self.kind, self.final_ratio, self.max_steps = kind, float(final_ratio), int(max_steps)
-
-    def __call__(self, step: int) -> float:
-        t = min(step / self.max_steps, 1.0)
-        if self.kind == "exponential":
-            return self.final_ratio ** t
-        if self.kind == "cosine":
-            return self.final_ratio + (1.0 - self.final_ratio) * 0.5 * (1.0 + np.cos(np.pi * t))
-        return 1.0
 
 
 class GraphAvatar(Method):

@@ -19,6 +19,8 @@ from omegaconf import OmegaConf
 
 from headkit.errors import InvalidConfigValue
 
+from .schedules import LR_SCHEDULES
+
 from .warmup import ANCHOR_LOSSES
 
 __all__ = ["CONFIG_DIR", "MODEL_CONFIG", "NOT_SECTIONS", "defaults", "ConfigValueError", "section"]
@@ -140,8 +142,8 @@ def _check(name: str, s: dict, p: str) -> None:
     elif name == "optim":
         for key, value in s["lr"].items():
             need(f"lr.{key}", _number(value) and value > 0, "learning rates must be > 0")
-        need("schedule", s["schedule"] in ("constant", "exponential", "cosine"),
-             "must be constant, exponential or cosine")
+        need("schedule", s["schedule"] in LR_SCHEDULES,
+             f"must be one of {sorted(LR_SCHEDULES)}")
         need("final_ratio", _number(s["final_ratio"]) and 0 < s["final_ratio"] <= 1, "must be in (0, 1]")
         need("max_steps", isinstance(s["max_steps"], int) and s["max_steps"] >= 1, "must be an integer >= 1")
 

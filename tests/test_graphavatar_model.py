@@ -14,7 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from graphavatar.losses import GraphAvatarLoss
-from graphavatar.model import GraphAvatar, LRSchedule
+from graphavatar.model import GraphAvatar
+from graphavatar.schedules import LRSchedule
 from graphavatar.settings import ConfigValueError
 from graphavatar.warmup import anchor_errors, fit_pseudo_gaussians, head_space_anchors, train_anchors
 from headkit.cameras import so3_exp
