@@ -16,10 +16,16 @@ first test frames; they are not scored). Columns:
 
 * ``latency_ms``: median synchronised time from a frame's inputs to its image for the network
   that emits it (G with the texture sampling, or W), one frame at a time after warm-up. UV
-  rasterisation is excluded, as in the paper ("implementation dependent").
+  rasterisation is excluded, as in the paper ("implementation dependent"), and so is the
+  host-to-device copy: the frame is on the timed device before timing starts.
 * ``fps``: frames per second of the executed stream (median of ``stream_repeats`` runs),
   including the caching work a warp mode does alongside.
 * ``stream_ms``: median per-frame latency seen inside that stream (queueing included).
+
+Devices: the stream is encoded on the model's device (:func:`model_device`: the frame
+encoder's buffers live there, so a CPU batch would not even meet them on a GPU) and stays
+there; workers on other devices copy what they need. The scored targets are kept on the CPU
+for the metrics.
 
 CPU note: with ``devices=["cpu", "cpu"]`` the two workers are threads of one process sharing
 the machine's cores; each uses ``num_threads`` intra-op threads.
@@ -51,9 +57,9 @@ from neuralcache.warp import ImplicitWarp, count_flops
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_neural_cache", "TABLE1_COLUMNS", "score", "build_stream", "run_mode", "network_latencies",
-           "network_flops", "warp_ablation_row", "Stream", "eval_devices", "EXTRA_ROWS", "naive_row", "generator_rows",
-           "warp_rows", "quality_metrics", "cost_metrics", "warp_tables"]
+__all__ = ["evaluate_neural_cache", "TABLE1_COLUMNS", "score", "build_stream", "model_device", "frame_on",
+           "run_mode", "network_latencies", "network_flops", "warp_ablation_row", "Stream", "eval_devices",
+           "EXTRA_ROWS", "naive_row", "generator_rows", "warp_rows", "quality_metrics", "cost_metrics", "warp_tables"]
 
 TABLE1_COLUMNS = ["model", "workers", "l1", "psnr", "ssim", "latency_ms", "fps", "stream_ms", "distances"]
 ONLINE_COLUMNS = ["model", "rate", "l1", "psnr", "ssim", "frames", "distances"]
@@ -81,16 +87,33 @@ def score(images: list[torch.Tensor], targets: list[torch.Tensor]) -> dict[str, 
             "psnr": psnr(preds, gts).mean().item(), "ssim": ssim(preds, gts).mean().item()}
 
 
+def model_device(model) -> torch.device:
+    """The device of ``model``'s parameters (and its frame encoder's buffers): where frame
+    inputs must be built."""
+    return next(model.parameters()).device
+
+
+def frame_on(frame: dict, device: torch.device | str) -> dict:
+    """A scheduler frame (``{"inputs", "prev"}``) with its inputs on ``device`` (no copy for
+    inputs already there)."""
+    return {**frame, "inputs": frame["inputs"].to(device), "prev": frame["prev"].to(device)}
+
+
 @torch.no_grad()
-def build_stream(model, dataset: FrameDataset, warmup: int) -> tuple[list[dict], list[int], list[torch.Tensor]]:
+def build_stream(model, dataset: FrameDataset, warmup: int,
+                 device: torch.device | str | None = None) -> tuple[list[dict], list[int], list[torch.Tensor]]:
     """Encode the test stream: ``warmup`` video frames before the first test frame, then the
-    test frames. Returns ``(scheduler frames, stream positions that are scored, targets)``."""
+    test frames. Returns ``(scheduler frames, stream positions that are scored, targets)``.
+
+    Batches are built, and encoded, on ``device`` (default :func:`model_device`, the one the
+    encoder's buffers are on); frames and targets are on it too."""
+    device = model_device(model) if device is None else torch.device(device)
     subject = dataset.subject
     first = int(dataset.frame_ids[0])
     ids = list(range(max(0, first - warmup), first)) + [int(f) for f in dataset.frame_ids]
     scored = list(range(len(ids) - len(dataset.frame_ids), len(ids)))
     everything = FrameDataset(subject, "all")
-    batches = (model.frame_batch(everything, [f], "cpu") for f in ids)
+    batches = (model.frame_batch(everything, [f], device) for f in ids)
     frames = list(model.encode_stream(batches))
     targets = [frames[i]["inputs"].images for i in scored]
     return frames, scored, targets
@@ -129,8 +152,10 @@ def _distances(k: int, n: int, schedule: str) -> str:
 
 
 def network_latencies(model, frame: dict, device: str, repeats: int) -> dict[str, float]:
-    """Synchronised median latency (ms) of G (texture sampling included) and W, one frame."""
+    """Synchronised median latency (ms) of G (texture sampling included) and W, one frame.
+    The frame is moved to ``device`` before timing (host-to-device copies are not timed)."""
     worker = model.make_worker(device)
+    frame = frame_on(frame, device)
     out = {"generator": time_fn(lambda: worker.cache(frame), repeats=repeats, warmup=3, device=device)["median_ms"]}
     if model.warp is not None:
         worker.cache(frame)
@@ -195,7 +220,8 @@ def evaluate_neural_cache(model, dataset: FrameDataset, run_dir: str | Path, *, 
     dev = str(device)
     model.eval()
     warmup = max(2 * max(warps) - 1, max(ablation_distances, default=1), 1)
-    stream = Stream(*build_stream(model, dataset, warmup))
+    frames, scored, targets = build_stream(model, dataset, warmup)
+    stream = Stream(frames, scored, [t.cpu() for t in targets])  # metrics and renders are CPU side
     with _threads(num_threads):
         latency = network_latencies(model, stream.frames[stream.scored[0]], dev, timing_repeats)
         flops = network_flops(model, stream.frames[stream.scored[0]], dev)

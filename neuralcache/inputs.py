@@ -90,7 +90,7 @@ def spherical_uvs(
     extra = uvs[faces[low]].clone()
     extra[:, 0] = 1.0
     uv_faces = faces.clone()
-    uv_faces[low] = uvs.shape[0] + torch.arange(extra.shape[0])
+    uv_faces[low] = uvs.shape[0] + torch.arange(extra.shape[0], device=faces.device)
     return torch.cat([uvs, extra]), uv_faces
 
 
@@ -146,12 +146,12 @@ def delayed_gaussian_filter(values: Tensor, size: int = 5, sigma: float = 1.0) -
         raise ValueError(f"delayed_gaussian_filter: need size >= 1 and sigma > 0, got {size}, {sigma}")
     if values.ndim != 2:
         raise ValueError(f"delayed_gaussian_filter: values must be [T, D], got {tuple(values.shape)}")
-    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
+    offsets = torch.arange(size, dtype=torch.float64, device=values.device) - (size - 1) / 2.0
     weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
     weights = (weights / weights.sum()).to(values.dtype)
     padded = torch.cat([values[:1].expand(size - 1, -1), values], dim=0)  # [T + size - 1, D]
     windows = padded.unfold(0, size, 1)  # [T, D, size], oldest first
-    return (windows * weights.to(values.device)).sum(-1)
+    return (windows * weights).sum(-1)
 
 
 def head_centres(head_poses: Tensor, template_centroid: Tensor) -> Tensor:  # [T, 4, 4], [3]
@@ -318,14 +318,17 @@ class FrameEncoder(nn.Module):
                               S @ batch["K"], self.width, self.height)
 
     def conditioning(self, viewmats: Tensor, head_poses: Tensor, centres: Tensor,  # [B,4,4], [B,4,4], [B,3]
-                     ) -> dict[str, Tensor]:
+                     frontal: Tensor | None = None) -> dict[str, Tensor]:
         """θ ``poses [B, 3]``, p ``cam_positions [B, 3]``, h ``pose_shs [B, 9]`` and the view
-        direction ``view_dirs [B, 3]`` of frames (``centres``: world head centres)."""
+        direction ``view_dirs [B, 3]`` of frames (``centres``: world head centres). The inputs
+        must be on the encoder's device (``frontal``: :data:`FRONTAL` on theirs, default
+        the buffer)."""
+        frontal = self.frontal if frontal is None else frontal
         # Head rotation relative to the camera, measured from the frontal orientation.
-        rel = self.frontal.T @ viewmats[:, :3, :3] @ head_poses[:, :3, :3]
+        rel = frontal.T @ viewmats[:, :3, :3] @ head_poses[:, :3, :3]
         poses = so3_log(rel)
         centres_cam = transform_points(centres[:, None], viewmats)[:, 0]
-        cam_positions = -(centres_cam @ self.frontal)  # = -FRONTALᵀ c
+        cam_positions = -(centres_cam @ frontal)  # = -FRONTALᵀ c
         # Camera centre relative to the head centre, in the head frame.
         cam_world = torch.linalg.inv(viewmats)[:, :3, 3]
         dirs = (head_poses[:, :3, :3].transpose(1, 2) @ (cam_world - centres).unsqueeze(-1))[..., 0]
@@ -335,11 +338,13 @@ class FrameEncoder(nn.Module):
     def conditioning_statistics(self, subject: Subject) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         """``{key: (mean, std, delta_rms)}`` of θ, p, e, h over ``subject``'s training frames
         (``delta_rms`` over pairs of consecutive training frames), for
-        :meth:`neuralcache.warp.ImplicitWarp.set_input_statistics`."""
+        :meth:`neuralcache.warp.ImplicitWarp.set_input_statistics`. Computed on the CPU (the
+        track is), whatever device the encoder is on."""
         track = self.track(subject)
         ids = torch.as_tensor(np.asarray(subject.train_ids), dtype=torch.int64)
         viewmats = torch.linalg.inv(torch.as_tensor(np.asarray(subject.camtoworlds)[ids.numpy()], dtype=torch.float64))
-        cond = self.conditioning(viewmats.float(), track["head_pose"][ids], track["head_centre"][ids])
+        cond = self.conditioning(viewmats.float(), track["head_pose"][ids], track["head_centre"][ids],
+                                 frontal=self.frontal.cpu())
         cond["expressions"] = torch.as_tensor(np.asarray(subject.expressions)[ids.numpy()], dtype=torch.float32)
         consecutive = (ids[1:] - ids[:-1]) == 1
         stats = {}
@@ -362,7 +367,9 @@ class FrameEncoder(nn.Module):
         images = batch.get("image")
         target_masks = batch["mask"][..., 0] if "mask" in batch else None
         identity = torch.eye(3, dtype=S.dtype, device=S.device)
-        if images is not None and not torch.equal(S, identity.expand_as(S)):
+        # S is the identity unless recentre/rescale is on: skip the comparison (a device sync).
+        stabilized = self.stabilize.recentre or self.stabilize.rescale
+        if images is not None and stabilized and not torch.equal(S, identity.expand_as(S)):
             images = warp_images(images, S, self.background.to(images))
             target_masks = warp_images(target_masks.unsqueeze(-1), S)[..., 0]
         params = FrameParams(cond["poses"], cond["cam_positions"], batch["expression"], cond["pose_shs"], uvs, masks)

@@ -49,7 +49,9 @@ class FrameDataset(Dataset):
         ids = {"train": subject.train_ids, "test": subject.test_ids,
                "all": np.arange(subject.num_frames)}[split]
         if len(ids) == 0:
-            raise SubjectError(f"subject '{subject.name}': the {split} split has no frames")
+            raise SubjectError(f"subject '{subject.name}': the {split} split has no frames "
+                               f"({subject.num_frames} frames in all; the split comes from the source: "
+                               f"'split' in a subject folder's subject.json, num_test for INSTA/NBS/synthetic)")
         self.frame_ids = np.asarray(ids, np.int64)
         self._viewmats = _rigid_inverse(subject.camtoworlds.astype(np.float64)).astype(np.float32)
 

@@ -9,7 +9,8 @@ Layout (all paths relative to the subject folder)::
     tracking.npz      per frame: vertices [T,V,3], expressions [T,E], Ks [T,3,3],
                       camtoworlds [T,4,4] (OpenCV), times [T]; optional head_poses [T,4,4];
                       any extra per-frame arrays under "extra_<name>" (e.g. ground truth)
-    images/00000.png  RGB frames (uint8)
+    images/00000.png  RGB frames (uint8); RGBA frames are composited over the background
+                      (see :func:`load_subject_folder`)
     masks/00000.png   foreground masks (uint8, 255 = foreground)
 
 The writer is atomic per file and refuses to overwrite a non-empty folder unless asked.
@@ -18,6 +19,7 @@ The writer is atomic per file and refuses to overwrite a non-empty folder unless
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .image_io import read_mask, read_rgb, write_image
-from .subject import Subject, SubjectError
+from .image_io import DEFAULT_BACKGROUND, read_image, read_mask, to_rgb, write_image
+from .subject import Subject, SubjectError, check_split
+
+log = logging.getLogger(__name__)
 
 FORMAT = "headkit-subject"
 VERSION = 1
@@ -113,12 +117,71 @@ def _require(meta: dict, key: str, path: Path):
     return meta[key]
 
 
+def _list_files(paths: list[str], limit: int = 10) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def folder_background(meta: dict, background=None, source: str = "subject.json") -> tuple[float, float, float]:
+    """The background colour RGBA frames of a subject folder are composited over.
+
+    ``background`` (the ``data.background`` config value) when given, else the subject's own
+    ``meta.settings.background`` in ``subject.json`` (what the synthetic generator records and
+    what :class:`neuralcache.inputs.FrameEncoder` reads), else white. RGB in [0, 1].
+    """
+    if background is None:
+        settings = (meta.get("meta") or {}).get("settings") or {}
+        background = settings.get("background", DEFAULT_BACKGROUND)
+        where = f"{source}: meta.settings.background"
+    else:
+        where = "data.background"
+    try:
+        bg = tuple(float(c) for c in background)
+    except (TypeError, ValueError):
+        bg = ()
+    if len(bg) != 3 or not all(0.0 <= c <= 1.0 for c in bg):
+        raise SubjectError(f"{where} must be 3 values in [0, 1] (RGB), got {background!r}")
+    return bg
+
+
+def _split_ids(split, T: int, meta_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Train/test ids from ``subject.json``'s ``split``; errors name the file and the split."""
+    if not isinstance(split, dict):
+        raise SubjectError(f"{meta_path}: 'split' must be {{\"train\": [...], \"test\": [...]}}, got "
+                           f"{type(split).__name__}")
+    ids = {}
+    for name in ("train", "test"):
+        try:
+            ids[name] = np.asarray(split.get(name, []), np.int64).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise SubjectError(f"{meta_path}: split.{name} must be a list of frame indices ({exc})") from exc
+    for name, other in (("train", "test"), ("test", "train")):
+        if ids[name].size == 0:
+            raise SubjectError(
+                f"{meta_path}: the {name} split has no frames ('split' lists 0 {name} and "
+                f"{ids[other].size} {other} frames of {T}); put frame indices under "
+                f"\"split\": {{\"{name}\": [...]}} in {meta_path.name}")
+    check_split(ids["train"], ids["test"], T, f"{meta_path} ('split')")
+    return ids["train"], ids["test"]
+
+
 def load_subject_folder(root: str | os.PathLike, *, missing_mask: str = "error",
-                        num_workers: int = 4) -> Subject:
+                        background=None, num_workers: int = 4) -> Subject:
     """Read a subject folder written by :func:`write_subject_folder` (or by hand).
 
-    ``missing_mask="error"`` (default) raises on a missing mask file; ``"full"`` treats the
-    frame as all foreground. Every problem raises :class:`SubjectError` naming the file.
+    ``missing_mask="error"`` (default) raises on a missing mask file, naming the file and
+    ``data.missing_mask=full``; ``"full"`` treats such a frame as all foreground and logs one
+    warning listing the frames so filled.
+
+    RGBA frames (matted images) are not trained on with their alpha dropped (black where the
+    matte is transparent, among frames with a white background): each is composited, with
+    straight (unpremultiplied) alpha, over the background colour, ``rgb * a + bg * (1 - a)``,
+    and one warning names the frame files. The colour is ``background`` (``data.background``)
+    when given, else ``subject.json``'s ``meta.settings.background``, else white
+    (:func:`folder_background`). The mask still comes from ``masks/``.
+
+    Every problem raises :class:`SubjectError` naming the file; an empty train or test split
+    names ``subject.json`` (the file the split comes from) and the split.
     """
     from headkit.mesh import load_obj
 
@@ -138,6 +201,7 @@ def load_subject_folder(root: str | os.PathLike, *, missing_mask: str = "error",
     T = int(_require(meta, "num_frames", meta_path))
     H, W = int(_require(meta, "height", meta_path)), int(_require(meta, "width", meta_path))
     split = _require(meta, "split", meta_path)
+    bg = folder_background(meta, background, str(meta_path))
 
     obj_path = root / "template.obj"
     if not obj_path.is_file():
@@ -172,21 +236,41 @@ def load_subject_folder(root: str | os.PathLike, *, missing_mask: str = "error",
     if bad.any():
         raise SubjectError(f"{npz_path}: NaN/Inf in 'vertices' at frame {int(np.flatnonzero(bad)[0])}")
 
+    train_ids, test_ids = _split_ids(split, T, meta_path)  # before reading any frame
+
     image_pattern = meta.get("images", "images/{:05d}.png")
     mask_pattern = meta.get("masks", "masks/{:05d}.png")
     images = np.empty((T, H, W, 3), np.uint8)
     masks = np.empty((T, H, W), np.uint8)
 
+    had_alpha = np.zeros(T, bool)
+    filled = np.zeros(T, bool)
+
     def read_frame(t: int) -> None:
-        images[t] = read_rgb(root / image_pattern.format(t), frame=t, expected_size=(H, W))
+        image = read_image(root / image_pattern.format(t), frame=t, expected_size=(H, W))
+        had_alpha[t] = image.shape[-1] == 4
+        images[t] = to_rgb(image, bg)
         mask_path = root / mask_pattern.format(t)
-        if missing_mask == "full" and not mask_path.exists():
+        if not mask_path.exists():
+            if missing_mask != "full":
+                raise SubjectError(f"{mask_path} (frame {t}): mask file is missing; add it, or set "
+                                   f"data.missing_mask=full to treat frames without a mask as all foreground")
             masks[t] = 255
+            filled[t] = True
         else:
             masks[t] = read_mask(mask_path, frame=t, expected_size=(H, W))
 
     with ThreadPoolExecutor(num_workers) as pool:
         list(pool.map(read_frame, range(T)))
+    if had_alpha.any():
+        files = [image_pattern.format(int(t)) for t in np.flatnonzero(had_alpha)]
+        log.warning("%s: %d of %d frames are RGBA; their alpha was composited (straight alpha) over the "
+                    "background %s (set data.background to change it): %s", root, len(files), T,
+                    list(bg), _list_files(files))
+    if filled.any():
+        files = [mask_pattern.format(int(t)) for t in np.flatnonzero(filled)]
+        log.warning("%s: %d of %d frames have no mask file and were treated as all foreground "
+                    "(data.missing_mask=full): %s", root, len(files), T, _list_files(files))
 
     extras = {k[len("extra_"):]: v for k, v in tracking.items() if k.startswith("extra_")}
     subject = Subject(
@@ -199,8 +283,7 @@ def load_subject_folder(root: str | os.PathLike, *, missing_mask: str = "error",
         camtoworlds=tracking["camtoworlds"].astype(np.float32),
         times=tracking["times"].astype(np.float32),
         images=images, masks=masks,
-        train_ids=np.asarray(split.get("train", []), np.int64),
-        test_ids=np.asarray(split.get("test", []), np.int64),
+        train_ids=train_ids, test_ids=test_ids,
         fps=float(meta.get("fps", 30.0)),
         uvs=None if template.get("uvs") is None else np.asarray(template["uvs"], np.float32),
         uv_faces=None if template.get("uv_faces") is None else np.asarray(template["uv_faces"], np.int64),

@@ -43,13 +43,49 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None,
     return img
 
 
+#: background an RGBA frame is composited over unless the subject or config names another
+DEFAULT_BACKGROUND = (1.0, 1.0, 1.0)
+
+
+def composite_alpha(image: np.ndarray,  # [H, W, 4] uint8, straight (not premultiplied) alpha
+                    background: tuple[float, float, float] | np.ndarray = DEFAULT_BACKGROUND) -> np.ndarray:
+    """Composite an RGBA image over a constant ``background`` (RGB in [0, 1]): uint8 ``[H, W, 3]``.
+
+    Straight alpha (PNG's convention): ``out = rgb * a + 255 * background * (1 - a)`` with
+    ``a = alpha / 255``, rounded to the nearest integer. Fully opaque pixels are unchanged.
+    """
+    bg = np.asarray(background, np.float32).reshape(-1)
+    if image.ndim != 3 or image.shape[-1] != 4:
+        raise ValueError(f"composite_alpha: expected an [H, W, 4] image, got {list(image.shape)}")
+    if bg.shape != (3,) or not np.all((bg >= 0) & (bg <= 1)):
+        raise ValueError(f"composite_alpha: background must be 3 values in [0, 1], got {background!r}")
+    a = image[..., 3:].astype(np.float32) / 255.0
+    out = image[..., :3].astype(np.float32) * a + (255.0 * bg) * (1.0 - a)
+    return (np.clip(out, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
+def to_rgb(image: np.ndarray, background: tuple[float, float, float] | np.ndarray = DEFAULT_BACKGROUND) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` from a :func:`read_image` result: grey is expanded, RGBA is
+    composited over ``background`` with :func:`composite_alpha` (never dropped)."""
+    if image.shape[-1] == 1:
+        return np.ascontiguousarray(np.repeat(image, 3, axis=-1))
+    if image.shape[-1] == 4:
+        return composite_alpha(image, background)
+    return np.ascontiguousarray(image[..., :3])
+
+
 def read_rgb(path: str | os.PathLike, *, frame: int | None = None,
-             expected_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read an RGB image as uint8 ``[H, W, 3]`` (grey is expanded, alpha dropped)."""
-    img = read_image(path, frame=frame, expected_size=expected_size)
-    if img.shape[-1] == 1:
-        img = np.repeat(img, 3, axis=-1)
-    return np.ascontiguousarray(img[..., :3])
+             expected_size: tuple[int, int] | None = None,
+             background: tuple[float, float, float] | np.ndarray = DEFAULT_BACKGROUND) -> np.ndarray:
+    """Read an RGB image as uint8 ``[H, W, 3]``.
+
+    Grey is expanded; an RGBA (matted) image is composited over ``background`` (straight
+    alpha, white by default, :func:`composite_alpha`), so a matted frame does not show black
+    where the others show the background. Readers of many frames should use
+    :func:`read_image` + :func:`to_rgb` to learn which frames had alpha and say so
+    (as :func:`headkit.data.folder.load_subject_folder` does).
+    """
+    return to_rgb(read_image(path, frame=frame, expected_size=expected_size), background)
 
 
 def read_mask(path: str | os.PathLike, *, frame: int | None = None,

@@ -58,6 +58,13 @@ def synthetic_subject(root: str | os.PathLike, generator: dict[str, Any] | None 
     return subject
 
 
-def subject_folder(root: str | os.PathLike, missing_mask: str = "error") -> Subject:
-    """Load the project's own subject folder (see :mod:`headkit.data.folder`)."""
-    return load_subject_folder(root, missing_mask=missing_mask)
+def subject_folder(root: str | os.PathLike, missing_mask: str = "error",
+                   background: Any = None) -> Subject:
+    """Load the project's own subject folder (see :mod:`headkit.data.folder`).
+
+    ``missing_mask``: ``"error"`` or ``"full"`` (frames without a mask file are all
+    foreground; they are listed in a warning). ``background``: RGB in [0, 1] that RGBA frames
+    are composited over (``+data.background=[r,g,b]``); None uses ``subject.json``'s
+    ``meta.settings.background``, else white.
+    """
+    return load_subject_folder(root, missing_mask=missing_mask, background=background)

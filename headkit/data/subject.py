@@ -152,11 +152,14 @@ def check_cameras(Ks: np.ndarray, camtoworlds: np.ndarray, source: str) -> None:
 
 
 def check_split(train_ids: np.ndarray, test_ids: np.ndarray, num_frames: int, source: str) -> None:
-    """Raise :class:`SubjectError` when a split is empty, out of range or overlapping."""
+    """Raise :class:`SubjectError` when a split is empty, out of range or overlapping; the
+    message names ``source`` (where the split comes from) and which split."""
     for name, ids in (("train", train_ids), ("test", test_ids)):
         if len(ids) == 0:
-            raise SubjectError(f"{source}: the {name} split has no frames "
-                               f"({num_frames} frames in all; check the split settings)")
+            other = len(test_ids) if name == "train" else len(train_ids)
+            raise SubjectError(f"{source}: the {name} split has no frames ({num_frames} frames in all, "
+                               f"{other} in the {'test' if name == 'train' else 'train'} split; check "
+                               f"the split settings of the source)")
         if ids.min() < 0 or ids.max() >= num_frames:
             raise SubjectError(f"{source}: {name} split indexes beyond {num_frames} frames")
     if np.intersect1d(train_ids, test_ids).size:

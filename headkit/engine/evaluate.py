@@ -3,7 +3,10 @@
 Image metrics (L2, PSNR, SSIM, LPIPS) are means over test frames; time per frame is the median
 synchronised latency of rendering one frame from its tracked inputs after warm-up; model size is
 what :meth:`Method.stored_state_dict` holds (networks only, not tracked data), in MB (2**20 bytes)
-at the stored precision and at fp16.
+at the stored precision and at fp16. The timed frame is on the device before timing starts
+(host-to-device copies are not timed). ``render_backend`` says which Gaussian-splatting backend
+rendered and why (:func:`headkit.render.gaussians.auto_backend`), None for methods that
+render no Gaussians.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from headkit.data.dataset import FrameDataset
 from headkit.data.image_io import to_uint8, write_image
 from headkit.progress import progress
+from headkit.render.gaussians import record_render_backends
 from headkit.metrics import MetricUnavailable, l2, lpips, model_size_mb, psnr, ssim, time_fn
 
 log = logging.getLogger(__name__)
@@ -69,7 +73,9 @@ def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device
 
     Writes ``run_dir/test_renders/NNNNN.png`` (render | ground truth) and
     ``run_dir/test_side_by_side.mp4``. Returns the metrics dict (LPIPS is ``None`` with
-    ``lpips_unavailable_reason`` when its weights are missing, never 0).
+    ``lpips_unavailable_reason`` when its weights are missing, never 0; ``render_backend``:
+    the Gaussian-splatting backend(s) that rendered, with the reason, e.g. ``"gsplat (CUDA)"``
+    or ``"torch (no CUDA device)"``, None when no Gaussians were rendered).
     """
     run_dir = Path(run_dir)
     device = device or next(model.parameters()).device
@@ -77,29 +83,31 @@ def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device
     per_frame: dict[str, list[float]] = {"l2": [], "psnr": [], "ssim": [], "lpips": []}
     lpips_reason = None if with_lpips else "disabled by eval.lpips=false"
     frames, frame_ids = [], []
-    for pos in progress(range(len(dataset)), desc="eval", enabled=None if show_progress else False):
-        batch = dataset.batch([pos], device)
-        pred = model.render_eval(batch).clamp(0, 1)
-        gt = model.target_image(batch)
-        per_frame["l2"].append(l2(pred, gt).item())
-        per_frame["psnr"].append(psnr(pred, gt).item())
-        per_frame["ssim"].append(ssim(pred, gt).item())
-        if lpips_reason is None:
-            try:
-                per_frame["lpips"].append(lpips(pred, gt, alexnet_path=lpips_weights).item())
-            except MetricUnavailable as exc:
-                lpips_reason = exc.reason
-        frames.append(side_by_side(pred[0], gt[0]))
-        frame_ids.append(int(batch["index"][0]))
+    with record_render_backends() as backends:
+        for pos in progress(range(len(dataset)), desc="eval", enabled=None if show_progress else False):
+            batch = dataset.batch([pos], device)
+            pred = model.render_eval(batch).clamp(0, 1)
+            gt = model.target_image(batch)
+            per_frame["l2"].append(l2(pred, gt).item())
+            per_frame["psnr"].append(psnr(pred, gt).item())
+            per_frame["ssim"].append(ssim(pred, gt).item())
+            if lpips_reason is None:
+                try:
+                    per_frame["lpips"].append(lpips(pred, gt, alexnet_path=lpips_weights).item())
+                except MetricUnavailable as exc:
+                    lpips_reason = exc.reason
+            frames.append(side_by_side(pred[0], gt[0]))
+            frame_ids.append(int(batch["index"][0]))
+        # The timed frame is on the device before time_fn: host-to-device copies are not timed
+        # (time_fn synchronises after its warm-up, so no copy is still in flight either).
+        batch = dataset.batch([0], device)
+        timing = time_fn(lambda: model.render_eval(batch), repeats=timing_repeats, warmup=timing_warmup,
+                         device=device)
     metrics: dict[str, Any] = {k: float(np.mean(v)) for k, v in per_frame.items() if k != "lpips"}
     metrics["lpips"] = float(np.mean(per_frame["lpips"])) if lpips_reason is None else None
     if lpips_reason is not None:
         metrics["lpips_unavailable_reason"] = lpips_reason
     metrics["num_test_frames"] = len(dataset)
-
-    batch = dataset.batch([0], device)
-    timing = time_fn(lambda: model.render_eval(batch), repeats=timing_repeats, warmup=timing_warmup,
-                     device=device)
     metrics["time_per_frame_ms"] = timing["median_ms"]
     metrics["fps"] = 1000.0 / timing["median_ms"]
     stored = model.stored_state_dict()
@@ -107,6 +115,7 @@ def evaluate_method(model, dataset: FrameDataset, run_dir: str | Path, *, device
     metrics["model_size_fp16_mb"] = model_size_mb(stored, dtype=torch.float16)
     metrics["num_parameters"] = int(sum(t.numel() for t in stored.values() if t.is_floating_point()))
     metrics["device"] = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    metrics["render_backend"] = ", ".join(backends) if backends else None
     metrics.update(save_test_renders(run_dir, frame_ids, frames, dataset.subject.fps, save_images=save_images,
                                      save_video=save_video))
     return metrics

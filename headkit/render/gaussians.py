@@ -39,17 +39,36 @@ Colours: ``colors [N, D]`` (or per camera ``[C, N, D]``) are used as given, any 
 first ones used) evaluated along ``mu - camera centre`` and mapped by ``max(sh + 0.5, 0)``.
 
 Backends: ``"torch"`` (:mod:`.gaussians_torch`: differentiable w.r.t. every float input,
-``viewmats`` and ``Ks`` included, CPU or CUDA), ``"gsplat"`` (CUDA only; gsplat gives no
-gradient for ``Ks``), ``"auto"`` (gsplat for CUDA tensors when its extension loads, which
-may JIT-compile it on first use, else torch). Inputs with NaN/Inf, or opacities outside
-[0, 1], raise :class:`GaussianRasterizationError` instead of silently vanishing.
+``viewmats`` and ``Ks`` included, CPU or CUDA), ``"gsplat"`` (CUDA only, gsplat 1.5.x: 1.4
+returns radii ``[C, N]`` and renders differently, so other versions are refused; gsplat
+gives no gradient for ``Ks``), ``"auto"`` (gsplat for CUDA tensors when a supported gsplat
+is installed and its extension loads, which may JIT-compile it on first use, else torch).
+``auto`` never falls back silently: the first render with each choice logs the backend and
+why (:func:`auto_backend`, e.g. ``"gsplat (CUDA)"``, ``"torch (no CUDA device)"``,
+``"torch (gsplat not installed)"``; a warning when a CUDA device renders with torch), and
+:func:`record_render_backends` collects what rendered (evaluation writes it to
+``metrics.json`` as ``render_backend``).
+
+Precision: gsplat's kernels are float32. Other floating inputs (float64, half) given to the
+gsplat backend are cast to float32 for the kernel, and the float outputs are cast back to the
+input dtype (gradients flow through the casts), so both backends return the input dtype; the
+gsplat result then has float32 precision. The torch backend computes in the input dtype.
+
+Inputs with NaN/Inf, or opacities outside [0, 1], raise :class:`GaussianRasterizationError`
+instead of silently vanishing.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
+import logging
 import operator
-from typing import Optional
+import re
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -59,8 +78,12 @@ from headkit.encodings import eval_sh
 from .gaussians_project import camera_centers, project_gaussians
 from .gaussians_torch import rasterize_tiles
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "torch", "gsplat")
 EPS2D = 0.3
+#: gsplat releases whose kernels follow the image formation above (major, minor)
+GSPLAT_SUPPORTED = (1, 5)
 
 
 class GaussianRasterizationError(ValueError):
@@ -102,13 +125,17 @@ def rasterize_gaussians(
         ``colors [C, H, W, D]``, ``depths [C, H, W, 1]`` (alpha-weighted z, not normalised),
         ``alphas [C, H, W, 1]`` and ``info`` with ``radii [C, N, 2]`` int32 (0 = culled),
         ``means2d [C, N, 2]``, ``depths [C, N]`` (camera z), ``visible [C, N]`` bool,
-        ``conics [C, N, 3]`` and ``backend`` (the one that ran).
+        ``conics [C, N, 3]`` and ``backend`` (the one that ran). Float outputs have the
+        inputs' dtype on both backends.
     """
     _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
                   sh_degree, backgrounds, near_plane, far_plane, backend, tile_size)
     width, height = int(width), int(height)
     if backend == "auto":
-        backend = "gsplat" if means.is_cuda and gsplat_available() else "torch"
+        backend, reason = auto_backend(means.device)
+        _note_backend(reason, log_as=log.warning if means.is_cuda and backend == "torch" else log.info)
+    else:
+        _note_backend(f"{backend} (backend={backend!r})", log_as=None)
     if backend == "gsplat":
         return _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width,
                                  height, sh_degree, backgrounds, near_plane, far_plane,
@@ -151,35 +178,122 @@ def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, wid
             "use backend='torch' (or 'auto') on CPU")
     if not gsplat_available():
         raise RuntimeError(
-            "backend='gsplat': gsplat's CUDA extension failed to load "
-            f"({_gsplat_load_error()}); use backend='torch' or fix the gsplat install")
+            f"backend='gsplat': {_gsplat_load_error()}; use backend='torch' (or 'auto') or "
+            f"install gsplat {GSPLAT_SUPPORTED[0]}.{GSPLAT_SUPPORTED[1]}.x with working CUDA")
     import gsplat
 
-    render, alphas, meta = gsplat.rasterization(
-        means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-        near_plane=near_plane, far_plane=far_plane, eps2d=EPS2D, sh_degree=sh_degree,
-        packed=False, tile_size=tile_size, backgrounds=backgrounds, render_mode="RGB+D",
-        rasterize_mode="classic")
+    return _call_gsplat(gsplat.rasterization, means, quats, scales, opacities, colors, viewmats,
+                        Ks, width, height, sh_degree, backgrounds, near_plane, far_plane, tile_size)
+
+
+def _call_gsplat(rasterization: Callable, means, quats, scales, opacities, colors, viewmats, Ks,
+                 width, height, sh_degree, backgrounds, near_plane, far_plane, tile_size):
+    """Call gsplat's ``rasterization`` (passed in, so tests can substitute it on CPU) with
+    float32 inputs and return our outputs in the input dtype (see "Precision" above)."""
+    dtype = means.dtype
+    f32 = (lambda t: t if t is None or t.dtype == torch.float32 else t.float())  # noqa: E731
+    render, alphas, meta = rasterization(
+        f32(means), f32(quats), f32(scales), f32(opacities), f32(colors), f32(viewmats), f32(Ks),
+        width, height, near_plane=near_plane, far_plane=far_plane, eps2d=EPS2D,
+        sh_degree=sh_degree, packed=False, tile_size=tile_size, backgrounds=f32(backgrounds),
+        render_mode="RGB+D", rasterize_mode="classic")
+    back = (lambda t: t.to(dtype))  # noqa: E731
     radii = meta["radii"]
-    info = {"radii": radii, "means2d": meta["means2d"], "depths": meta["depths"],
-            "visible": (radii > 0).all(-1), "conics": meta["conics"], "backend": "gsplat"}
-    return render[..., :-1], render[..., -1:], alphas, info
+    info = {"radii": radii, "means2d": back(meta["means2d"]), "depths": back(meta["depths"]),
+            "visible": (radii > 0).all(-1), "conics": back(meta["conics"]), "backend": "gsplat"}
+    return back(render[..., :-1]), back(render[..., -1:]), back(alphas), info
 
 
-@functools.lru_cache(maxsize=1)
-def _gsplat_load_error() -> Optional[str]:
+def _gsplat_version() -> Optional[str]:
+    try:
+        return importlib.metadata.version("gsplat")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _probe_gsplat() -> Optional[str]:
+    """Why the gsplat backend cannot render (None when it can): not installed, an unsupported
+    version, no CUDA, or a CUDA extension that fails to load/build."""
+    if importlib.util.find_spec("gsplat") is None:
+        return "gsplat not installed"
+    version = _gsplat_version()
+    found = re.match(r"(\d+)\.(\d+)", version or "")
+    if found is None or (int(found[1]), int(found[2])) != GSPLAT_SUPPORTED:
+        want = f"{GSPLAT_SUPPORTED[0]}.{GSPLAT_SUPPORTED[1]}.x"
+        return (f"gsplat {version or '(unknown version)'} installed, {want} needed (1.4 returns radii "
+                f"[C, N] and renders differently); pip install 'gsplat>={want[:-2]},<{GSPLAT_SUPPORTED[0]}."
+                f"{GSPLAT_SUPPORTED[1] + 1}'")
     if not torch.cuda.is_available():
         return "CUDA is not available"
     try:
         from gsplat.cuda._backend import _C
     except Exception as exc:  # any build/load failure means: fall back to torch
-        return f"{type(exc).__name__}: {exc}"
-    return None if _C is not None else "gsplat.cuda._backend._C is None"
+        return f"gsplat's CUDA extension failed to load ({type(exc).__name__}: {exc})"
+    return None if _C is not None else "gsplat's CUDA extension failed to load (gsplat.cuda._backend._C is None)"
+
+
+@functools.lru_cache(maxsize=1)
+def _gsplat_load_error() -> Optional[str]:
+    return _probe_gsplat()
 
 
 def gsplat_available() -> bool:
-    """Whether gsplat's CUDA extension loads (tried once, may JIT-compile on first call)."""
+    """Whether a supported gsplat's CUDA extension loads (tried once, may JIT-compile on first call)."""
     return _gsplat_load_error() is None
+
+
+def auto_backend(device: torch.device | str) -> tuple[str, str]:
+    """The backend ``backend="auto"`` renders tensors on ``device`` with, and why.
+
+    Returns ``(backend, reason)``, ``backend`` ``"gsplat"`` or ``"torch"`` and ``reason`` a
+    short string starting with it: ``"gsplat (CUDA)"``, ``"torch (no CUDA device)"``,
+    ``"torch (tensors on cpu, not CUDA)"`` (CUDA exists but the data is elsewhere),
+    ``"torch (gsplat not installed)"``, ``"torch (gsplat 1.4.0 installed, 1.5.x needed ...)"``
+    or ``"torch (gsplat's CUDA extension failed to load (...))"``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        if not torch.cuda.is_available():
+            return "torch", "torch (no CUDA device)"
+        return "torch", f"torch (tensors on {device.type}, not CUDA)"
+    error = _gsplat_load_error()
+    if error is None:
+        return "gsplat", "gsplat (CUDA)"
+    return "torch", f"torch ({error})"
+
+
+_backend_lock = threading.Lock()
+_logged_backends: set[str] = set()
+_recorders: list[list[str]] = []
+
+
+def _note_backend(reason: str, log_as: Optional[Callable] = None) -> None:
+    """Add ``reason`` to the active recorders; log it with ``log_as`` the first time (an
+    ``auto`` choice: a warning when CUDA tensors fall back to torch, else info)."""
+    with _backend_lock:
+        for seen in _recorders:
+            if reason not in seen:
+                seen.append(reason)
+        first = log_as is not None and reason not in _logged_backends
+        if first:
+            _logged_backends.add(reason)
+    if first:
+        log_as("Gaussian splatting (backend=auto) renders with %s", reason)
+
+
+@contextmanager
+def record_render_backends() -> Iterator[list[str]]:
+    """Collect, in order of first use, the backend reasons (as :func:`auto_backend` words
+    them; ``"torch (backend='torch')"`` for an explicit choice) of every
+    :func:`rasterize_gaussians` call made, from any thread, inside the ``with`` block."""
+    seen: list[str] = []
+    with _backend_lock:
+        _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        with _backend_lock:
+            _recorders[:] = [r for r in _recorders if r is not seen]
 
 
 def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
