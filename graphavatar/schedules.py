@@ -31,11 +31,15 @@ LR_SCHEDULES: dict[str, Callable[[float, float], float]] = {
 
 class LRSchedule:
     """Learning-rate factor per step (for ``LambdaLR``): the schedule named ``kind`` at
-    ``t = step / max_steps``, held at its final value after ``max_steps``."""
+    ``t = step / max_steps``, held at its final value after ``max_steps``.
+
+    Only plain values are attributes: ``LambdaLR.state_dict`` saves this object's ``__dict__``
+    into every checkpoint, and a function there would make ``torch.load(weights_only=True)``
+    refuse the checkpoint; the curve is looked up by name on each call."""
 
     def __init__(self, kind: str, final_ratio: float, max_steps: int) -> None:
+        choose(LR_SCHEDULES, kind, "model.optim.schedule")  # an unknown name fails here, not mid-run
         self.kind, self.final_ratio, self.max_steps = kind, float(final_ratio), int(max_steps)
-        self.curve = choose(LR_SCHEDULES, kind, "model.optim.schedule")
 
     def __call__(self, step: int) -> float:
-        return self.curve(min(step / self.max_steps, 1.0), self.final_ratio)
+        return LR_SCHEDULES[self.kind](min(step / self.max_steps, 1.0), self.final_ratio)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import imageio.v3 as iio
 
+from headkit.engine.runs import evaluate_run
 from headkit.engine.trainer import preview_step
 from tests.test_graphavatar_model import TINY_GENERATOR
 
@@ -39,3 +40,6 @@ def test_train_script_piped_to_a_file_logs_progress_lines_and_writes_a_preview(t
     assert "2/6 (33%)" in (run / "train.log").read_text()  # Hydra's log file in the run folder too
     preview = iio.imread(run / "preview.png")
     assert preview.shape == (32, 64, 3)  # render | ground truth
+    # The run's checkpoint loads as eval.py loads it (weights_only: plain values only in its state).
+    metrics = evaluate_run(run, device="cpu", eval_cfg={"video": False, "timing_repeats": 1}, show_progress=False)
+    assert metrics["steps"] == 6 and Path(metrics["eval_dir"]).parent == run / "eval"
