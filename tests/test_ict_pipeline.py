@@ -81,14 +81,9 @@ def test_neck_cut_switch_keeps_the_person_mask(tmp_path):
 
 
 def test_reenactment_poses_the_targets_head_with_the_driving_weights(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
     head, _, _ = write_ict_subject(tmp_path, frames=6)
     subject = load_subject_folder(tmp_path / "out")
-    spec = importlib.util.spec_from_file_location("_render", Path(__file__).resolve().parents[1] / "scripts" / "render.py")
-    render = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(render)
+    from headkit.engine import videos as render
     weights = np.zeros((3, len(head.expression_names)), np.float32)
     weights[1, 2] = 1.0
     frames = list(render.reenact_frames(subject, tmp_path / "out", weights))
