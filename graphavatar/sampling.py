@@ -12,8 +12,10 @@ versions of it, as in COMA (Ranjan et al. 2018):
 
 Decimation uses ``fast_simplification`` (Fast-Quadric-Mesh-Simplification) and its collapse
 history; it works for any triangle topology: closed (FLAME, the synthetic head), open with holes
-(MediaPipe), and with vertices that are in no face (MediaPipe's 10 iris landmarks), which are
-dropped from the coarse levels and up-sampled from their closest coarse triangle.
+(MediaPipe), and with vertices that are in no face (MediaPipe's 10 iris landmarks; about 958 of
+INSTA's 5,023 simplified-FLAME vertices: eyeballs and eye region). Those are dropped from the
+coarse levels (never a coarse vertex's parent, so D never pools their features into the surface)
+and up-sampled from their closest coarse triangle (U gives them convex weights).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from headkit.mesh import edge_index
 __all__ = ["MeshHierarchy", "build_mesh_hierarchy", "closest_point_barycentrics"]
 
 # Bump when the construction changes, so stale cache files are not reused.
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 
 @dataclass
@@ -203,10 +205,15 @@ def _decimate(
     if len(collapses):
         collapsed[np.asarray(collapses)[:, 1]] = True
     valid = np.flatnonzero(mapping >= 0)
-    # Per coarse vertex prefer the fine vertex that was never collapsed; ties (possible after
-    # fast_simplification merges isolated points) go to the one nearest the coarse point.
+    in_face = np.zeros(vertices.shape[0], dtype=bool)
+    in_face[faces.reshape(-1)] = True
+    # Per coarse vertex prefer a fine vertex that is in a triangle (an isolated vertex, e.g. an
+    # eyeball point of INSTA's simplified FLAME, has no graph neighbours and a zero normal, so
+    # its features must never stand for a surface vertex), then one that was never collapsed;
+    # ties (possible after fast_simplification merges isolated points) go to the one nearest
+    # the coarse point.
     dist = np.linalg.norm(vertices[valid] - dec_points[mapping[valid]], axis=-1)
-    order = np.lexsort((dist, collapsed[valid], mapping[valid]))
+    order = np.lexsort((dist, collapsed[valid], ~in_face[valid], mapping[valid]))
     sorted_map = mapping[valid][order]
     first = np.flatnonzero(np.r_[True, sorted_map[1:] != sorted_map[:-1]])
     if len(first) != num_coarse or not np.array_equal(sorted_map[first], np.arange(num_coarse)):

@@ -4,8 +4,10 @@ For every frame the generator G and the warp W consume (paper Sec. 4 and 4.2):
 
 * ``U`` UV map ``[B, H, W, 2]`` + foreground ``[B, H, W]``: the tracked mesh rasterized with
   :func:`headkit.render.rasterize_mesh` and the template's texture coordinates interpolated
-  with the raster's barycentrics (``uv_faces`` into ``uvs``). Templates without UVs get the
-  fallback :func:`spherical_uvs`.
+  with the raster's barycentrics (``uv_faces`` into ``uvs``). Real data gets real UVs from the
+  template's own ``vt`` or from ``data.uv_template`` (a UV layout in the template's vertex order,
+  e.g. FLAME's for INSTA's simplified meshes, which have none); templates without UVs get the
+  fallback :func:`spherical_uvs`, with a logged warning.
 * ``θ`` ``poses [B, 3]``: the global head rotation as an axis-angle vector, relative to the
   camera and to the *frontal* orientation (head frame y up, face towards +z, as FLAME and the
   synthetic head; :data:`FRONTAL`), so ``θ = 0`` is a head looking straight into the camera
@@ -37,6 +39,7 @@ aligned for any scene depth.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from headkit.cameras import so3_log, transform_points
-from headkit.data.subject import Subject
+from headkit.data.subject import Subject, SubjectError
 from headkit.errors import InvalidConfigValue
 from headkit.fitting.scene import frame_head_poses
 from headkit.render.mesh_raster import interpolate, rasterize_mesh
@@ -55,6 +58,8 @@ from neuralcache.warp import FrameParams, pose_sh
 __all__ = ["FRONTAL", "FrameInputs", "StabilizationConfig", "FrameEncoder", "spherical_uvs",
            "template_uvs", "render_uv_maps", "delayed_gaussian_filter", "head_centres",
            "frame_head_poses", "stabilizing_transforms", "warp_images"]
+
+log = logging.getLogger(__name__)
 
 #: head frame (y up, face +z) -> camera frame (y down, z forward) of a head facing the camera
 FRONTAL = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])
@@ -97,18 +102,25 @@ def spherical_uvs(
 def template_uvs(subject: Subject, source: str = "template") -> tuple[Tensor, Tensor, str]:
     """Texture coordinates ``(uvs [Vt, 2], uv_faces [F, 3], how)`` for ``subject``.
 
-    ``source="template"`` uses the subject's own UVs and falls back to :func:`spherical_uvs`
-    when it has none (``how`` says which was used); ``"spherical"`` forces the fallback.
+    ``source="template"`` uses the subject's own UVs (the template OBJ's ``vt``, or the layout
+    ``data.uv_template`` transferred onto it) and falls back to :func:`spherical_uvs` with a
+    logged warning when it has none (``how`` says which was used); ``"spherical"`` forces the
+    fallback.
     """
     if source not in ("template", "spherical"):
         raise InvalidConfigValue(f"model.inputs.uv_source must be 'template' or 'spherical', got {source!r}")
     if source == "template" and subject.uvs is not None:
         uvs = torch.as_tensor(np.asarray(subject.uvs), dtype=torch.float32)
         if not torch.isfinite(uvs).all() or uvs.min() < -1e-3 or uvs.max() > 1 + 1e-3:
-            raise ValueError(f"subject '{subject.name}': template uvs must be finite and in [0, 1], got range "
-                             f"{uvs.min().item():.4g}..{uvs.max().item():.4g} (or NaN); fix the template or set "
-                             f"model.inputs.uv_source=spherical")
+            raise SubjectError(f"subject '{subject.name}': template uvs must be finite and in [0, 1], got range "
+                               f"{uvs.min().item():.4g}..{uvs.max().item():.4g} (or NaN); fix the template or set "
+                               f"model.inputs.uv_source=spherical")
         return uvs, torch.as_tensor(np.asarray(subject.uv_faces), dtype=torch.int64), "template"
+    if source == "template":
+        log.warning("subject '%s': the template has no texture coordinates, so the neural texture uses spherical "
+                    "UVs (seam down the back of the head, stretched around the ears); for real UVs give a UV "
+                    "layout in the template's vertex order with data.uv_template=PATH (an OBJ with vt lines, "
+                    "e.g. FLAME's UV template for INSTA/NBS)", subject.name)
     uvs, uv_faces = spherical_uvs(torch.as_tensor(np.asarray(subject.template_vertices), dtype=torch.float32),
                                   torch.as_tensor(np.asarray(subject.faces), dtype=torch.int64))
     return uvs, uv_faces, "spherical (the template has no UVs)" if source == "template" else "spherical"

@@ -8,8 +8,8 @@ Layout of one subject folder, as written by INSTA's ``scripts/generate.sh`` (its
     transforms_train.json    the same, frames[:-350]   (350 = generate.sh's default test count)
     transforms_test.json     the same, frames[-350:]
     transforms_val.json      the same, frames[-20:]    (a subset of test; not used here)
-    canonical.obj            the tracker's neutral mesh (jaw opened 12 degrees)
-    images/00000.png         RGBA; alpha is the foreground matte
+    canonical.obj            the tracker's neutral mesh (jaw opened 12 degrees), simplified
+    images/00000.png         RGBA; alpha is the foreground matte (soft below 128, see below)
     meshes/00000.obj         tracked FLAME mesh per frame (Open3D-written OBJ, world space)
     flame/exp/00000.txt      FLAME expression coefficients, one float per line
     depth/, seg_mask/        not used here
@@ -20,27 +20,52 @@ Each frame entry holds ``transform_matrix`` (camera-to-world), ``file_path``, ``
 already OpenCV (x right, y down, z forward); GraphAvatar's INSTA reader uses it unchanged. NeRF
 files in the OpenGL/Blender convention can be read with ``camera_convention="opengl"``.
 
-The helpers at the bottom (frame numbers, times, resizing) are shared with :mod:`.nbs`.
+Facts about INSTA's scripts that decide how the files are read:
+
+* ``transforms.py`` collects the frames with ``Pool.imap_unordered``, so every ``frames`` list
+  is in pool completion order (nearly sorted, with local swaps), and ``transforms_test.json`` is
+  the last 350 *list entries*, which need not be the last 350 frame numbers. ``split=transforms``
+  keeps exactly that official test set; ``split=last`` sorts by frame number first.
+* ``postprocess.py`` median-filters the matte and sets alpha > 127.5 to 255, leaving alpha soft
+  (1..127) on the silhouette rim. GraphAvatar casts ``alpha / 255`` to uint8, so only alpha = 255
+  is foreground there; ``mask_mode="binary"`` applies that rule, ``"soft"`` keeps the alpha.
+* ``simplification.py`` rewrites ``canonical.obj`` and every ``meshes/*.obj``: 5,023 vertices
+  in FLAME order but about 8,090 triangles (INSTA's sparse face set), about 958 vertices in no
+  triangle (eyeballs, eye region) and no UVs. ``uv_template`` brings a UV layout back.
+* metrical-tracker's FLAME forward pass has identity global rotation and zero translation; the
+  camera carries the head pose. The subject's ``head_poses`` are therefore identity.
+
+The helpers at the bottom (frame numbers, times, masks, resizing, UV transfer) are shared with
+:mod:`.nbs`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from headkit.errors import InvalidConfigValue
+
 from .image_io import read_image
 from .subject import Subject, SubjectError, holdout_split
 
 __all__ = ["load_insta", "map_frames", "frame_number", "normalised_times", "resize_frames",
-           "resize_images", "scale_intrinsics",
-           "parse_image_size", "require_dir", "read_mesh_vertices_obj", "load_template_obj", "tracked_subject"]
+           "resize_images", "scale_intrinsics", "MASK_MODES", "apply_mask_mode", "check_choice",
+           "parse_image_size", "require_dir", "read_mesh_vertices_obj", "load_template_obj",
+           "transfer_uv_layout", "tracked_subject"]
+
+log = logging.getLogger(__name__)
+
+#: ``data.mask_mode`` values: ``binary`` (the paper's code: only 255 is foreground) | ``soft``
+MASK_MODES = ("binary", "soft")
 
 _FRAME_KEYS = ("transform_matrix", "file_path", "mesh_path", "exp_path")
 _INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
@@ -57,6 +82,8 @@ def load_insta(
     template: str = "canonical",
     camera_convention: str = "opencv",
     missing_mask: str = "error",
+    mask_mode: str = "soft",
+    uv_template: str | os.PathLike | None = None,
     fps: float = 25.0,
     num_workers: int = 4,
 ) -> Subject:
@@ -67,9 +94,10 @@ def load_insta(
         num_test: test frames held out from the end of the sequence (INSTA's and GraphAvatar's
             protocol: 350). Used when ``split="last"``, or when the folder has no
             ``transforms_train.json``/``transforms_test.json``.
-        split: ``"transforms"`` (default) keeps INSTA's own split files when both exist; they
-            are the last-350 split INSTA's generator wrote. ``"last"`` reads every frame and
-            holds out the last ``num_test`` by frame number.
+        split: ``"transforms"`` (default) keeps INSTA's own split files when both exist: the
+            official test set, i.e. the last 350 entries of the frame list in the (unsorted)
+            order ``transforms.py`` wrote it. ``"last"`` reads every frame, sorts by frame
+            number and holds out the last ``num_test``.
         image_size: optional ``(height, width)`` (or one int for square) to resize images,
             masks and intrinsics to; see :func:`resize_frames`.
         template: ``"canonical"`` uses ``canonical.obj`` when the folder has it (the tracker's
@@ -80,23 +108,27 @@ def load_insta(
             ``transform_matrix``; converted to OpenCV by flipping the camera's y and z axes).
         missing_mask: ``"error"`` (default) raises when an image has no alpha channel;
             ``"full"`` treats such a frame as all foreground.
+        mask_mode: ``"soft"`` (default) keeps the alpha matte as it is; ``"binary"`` is the
+            paper's rule (GraphAvatar's reader): alpha = 255 is foreground, anything lower is
+            background (see :func:`apply_mask_mode`).
+        uv_template: optional OBJ with ``vt`` lines in the template's vertex order (e.g.
+            FLAME's UV template); its layout is transferred onto the template's faces
+            (:func:`transfer_uv_layout`) so UV-based models get real texture coordinates.
         fps: frame rate recorded on the subject (metrical-tracker's default extraction: 25).
         num_workers: threads that read frames.
 
     Times are the normalised frame numbers parsed from the image names (see
-    :func:`normalised_times`). ``meta`` records ``source="insta"``, the root, the frame
-    numbers and the split used. Every problem raises :class:`SubjectError` naming the file.
+    :func:`normalised_times`); ``head_poses`` are identity (the camera carries the pose).
+    ``meta`` records ``source="insta"``, the root, the frame numbers, the split and the mask
+    mode used. Every data problem raises :class:`SubjectError` naming the file; a bad setting
+    raises :class:`~headkit.errors.InvalidConfigValue` naming the ``data.`` key.
     """
+    check_choice("split", split, ("transforms", "last"))
+    check_choice("template", template, ("canonical", "first"))
+    check_choice("camera_convention", camera_convention, ("opencv", "opengl"))
+    check_choice("missing_mask", missing_mask, ("error", "full"))
+    check_choice("mask_mode", mask_mode, MASK_MODES)
     root = require_dir(root, "INSTA subject folder", "transforms.json")
-    if split not in ("transforms", "last"):
-        raise ValueError(f"load_insta: split must be 'transforms' or 'last', got {split!r}")
-    if template not in ("canonical", "first"):
-        raise ValueError(f"load_insta: template must be 'canonical' or 'first', got {template!r}")
-    if camera_convention not in ("opencv", "opengl"):
-        raise ValueError(f"load_insta: camera_convention must be 'opencv' or 'opengl', "
-                         f"got {camera_convention!r}")
-    if missing_mask not in ("error", "full"):
-        raise ValueError(f"load_insta: missing_mask must be 'error' or 'full', got {missing_mask!r}")
 
     entries, train_numbers, used = _read_frame_entries(root, split)
     entries.sort(key=lambda e: e["number"])
@@ -116,6 +148,9 @@ def load_insta(
         template_path = root / entries[0]["mesh_path"]
     template_mesh = load_template_obj(template_path)
     V = template_mesh["vertices"].shape[0]
+    if uv_template is not None:
+        template_mesh["uvs"], template_mesh["uv_faces"] = transfer_uv_layout(
+            uv_template, template_mesh["faces"], V, template_path)
 
     H, W = entries[0]["h"], entries[0]["w"]
     size = (H, W) if image_size is None else parse_image_size(image_size)
@@ -138,7 +173,9 @@ def load_insta(
             raise SubjectError(f"{root / e['file_path']} (frame {t}): image has no alpha channel; "
                                f"INSTA stores the foreground mask as alpha (or set missing_mask=full)")
         rgb = img[..., :3] if img.shape[-1] >= 3 else np.repeat(img, 3, axis=-1)
-        images[t], masks[t] = (x[0] for x in resize_images(rgb[None], mask[None], size))
+        images[t], masks[t] = (x[0] for x in resize_images(rgb[None], apply_mask_mode(mask, mask_mode)[None], size))
+        if mask_mode == "binary" and size != (H, W):
+            masks[t] = apply_mask_mode(masks[t], mask_mode, resized=True)
         vertices[t] = read_mesh_vertices_obj(root / e["mesh_path"], V, t, template_path)
         exps[t] = _read_expression(root / e["exp_path"], t)
 
@@ -160,7 +197,8 @@ def load_insta(
         root, "insta", template_mesh, numbers, vertices=vertices, expressions=expressions, Ks=Ks,
         camtoworlds=camtoworlds, images=images, masks=masks, train_ids=train_ids, test_ids=test_ids, fps=fps,
         meta={"split": split, "split_files": used, "template": os.path.relpath(template_path, root),
-              "camera_convention": camera_convention})
+              "camera_convention": camera_convention, "mask_mode": mask_mode,
+              "uv_template": None if uv_template is None else str(uv_template)})
 
 
 def _read_json(path: Path) -> dict:
@@ -303,6 +341,100 @@ def _read_expression(path: Path, frame: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- helpers shared with nbs.py
 
+def check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise :class:`~headkit.errors.InvalidConfigValue` naming ``data.<key>`` unless ``value``
+    is one of ``choices``."""
+    if value not in choices:
+        raise InvalidConfigValue(f"data.{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def apply_mask_mode(mask: np.ndarray, mode: str, resized: bool = False) -> np.ndarray:  # [H, W] uint8
+    """The foreground mask ``[H, W]`` uint8 under ``data.mask_mode``.
+
+    ``"soft"`` returns ``mask`` unchanged. ``"binary"`` is the rule of GraphAvatar's readers
+    (INSTA: ``uint8(alpha / 255)``; NBS: ``mask == 255``): 255 where the mask is 255, else 0.
+    Effect on INSTA (``postprocess.py`` already set alpha > 127.5 to 255): the soft fringe
+    outside the matte's 50 % contour (alpha 1..127) becomes background, so targets composited
+    with the mask are pure background there and the silhouette is a hard step at the 50 %
+    contour instead of a soft ramp; the alpha BCE target is exactly 0 there instead of the
+    matte's fractions, so the rendered alpha is pushed to 0 on the fringe. NBS masks are
+    binary already apart from stray values, which the rule sends to background.
+
+    With ``resized=True`` (a mask binarised at full resolution, then area-resized by
+    ``data.image_size``) pixels at least half covered are foreground, so it stays 0/255.
+    """
+    if mode == "soft":
+        return mask
+    return np.where(mask >= (128 if resized else 255), 255, 0).astype(np.uint8)
+
+
+def transfer_uv_layout(path: str | os.PathLike, faces: np.ndarray, num_vertices: int,
+                       template_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Texture coordinates ``(uvs [Vt, 2], uv_faces [F, 3])`` for ``faces`` (the subject's
+    template triangles, ``[F, 3]``) from a UV layout: an OBJ with ``vt`` lines on the same
+    ``num_vertices`` vertices in the same order (``data.uv_template``; e.g. FLAME's UV template
+    for INSTA's simplified meshes, which keep FLAME's vertex order but not its triangles).
+
+    A template triangle that the layout also has (same three vertices) takes the layout's
+    corners. Any other triangle (INSTA's sparse face set need not be a subset of FLAME's)
+    takes, per corner, one of the ``vt`` the layout uses for that vertex: the combination with
+    the smallest UV perimeter, so it stays on one UV island wherever its vertices' UVs allow
+    (a seam vertex has one ``vt`` per island). Vertices in no template triangle need no UV. Raises :class:`SubjectError` naming the file when it has no ``vt``, another vertex
+    count, or no ``vt`` for a vertex the template's triangles use.
+    """
+    from itertools import product
+
+    from headkit.mesh import ObjError, load_obj
+
+    path = Path(path).expanduser()
+    try:
+        layout = load_obj(path)
+    except FileNotFoundError:
+        raise SubjectError(f"{path}: UV layout file (data.uv_template) is missing") from None
+    except ObjError as exc:
+        raise SubjectError(f"data.uv_template: {exc}") from exc
+    if layout["uvs"] is None:
+        raise SubjectError(f"{path}: data.uv_template has no texture coordinates ('vt' lines on every "
+                           f"face); give an OBJ with a UV layout")
+    lv = layout["vertices"].shape[0]
+    if lv != num_vertices:
+        raise SubjectError(f"{path}: data.uv_template has {lv} vertices but the template "
+                           f"{template_path.name} has {num_vertices}; the layout must share the "
+                           f"template's vertex order")
+    uvs = layout["uvs"].numpy().astype(np.float32)
+    lfaces, lcorners = layout["faces"].numpy(), layout["uv_faces"].numpy()
+    faces = np.asarray(faces, np.int64)
+    by_tri = {tuple(sorted(f)): i for i, f in enumerate(lfaces.tolist())}
+    candidates: dict[int, set[int]] = {}
+    for v, t in zip(lfaces.reshape(-1).tolist(), lcorners.reshape(-1).tolist()):
+        candidates.setdefault(v, set()).add(t)
+    uv_faces = np.empty_like(faces)
+    matched = 0
+    for i, tri in enumerate(faces.tolist()):
+        j = by_tri.get(tuple(sorted(tri)))
+        if j is not None:
+            corner_of = dict(zip(lfaces[j].tolist(), lcorners[j].tolist()))
+            uv_faces[i] = [corner_of[v] for v in tri]
+            matched += 1
+            continue
+        missing = [v for v in tri if v not in candidates]
+        if missing:
+            raise SubjectError(f"{path}: data.uv_template gives vertex {missing[0]} no texture coordinate, "
+                               f"but triangle {i} of {template_path.name} uses it")
+        options = [sorted(candidates[v]) for v in tri]
+        if all(len(o) == 1 for o in options):
+            uv_faces[i] = [o[0] for o in options]
+            continue
+        combos = np.array(list(product(*options)))  # [C, 3]
+        corners = uvs[combos]  # [C, 3, 2]
+        perimeters = np.linalg.norm(corners - np.roll(corners, 1, axis=1), axis=-1).sum(1)
+        uv_faces[i] = combos[int(np.argmin(perimeters))]
+    if matched < len(faces):
+        log.info("UV layout %s: %d of %d template triangles match the layout's; the others take the "
+                 "nearest corners of their vertices' UVs", path, matched, len(faces))
+    return uvs, uv_faces
+
+
 def require_dir(root: str | os.PathLike, what: str, marker: str) -> Path:
     """Return ``root`` as a Path, or raise :class:`SubjectError` saying how to get such a folder."""
     root = Path(root).expanduser()
@@ -319,8 +451,12 @@ def tracked_subject(root: Path, source: str, template_mesh: dict, numbers: np.nd
     """The validated :class:`Subject` of a tracker's output read in place (INSTA, NBS): named
     after ``root``; faces, template and UVs from ``template_mesh`` (:func:`load_template_obj`);
     vertices, expressions and cameras as float32; times from the frame ``numbers``
-    (:func:`normalised_times`); ``meta`` is ``source``, ``root``, then the given ``meta`` and
-    the ``frame_numbers``. Errors name ``root``."""
+    (:func:`normalised_times`); ``head_poses`` identity for every frame, because metrical-tracker
+    (behind both INSTA and the NBS re-track) runs FLAME with identity global rotation and zero
+    translation and puts the head's motion into the camera, so the tracked meshes are already
+    in the head frame (fitting the jaw-open template to each frame would turn jaw and eyelid
+    motion into small rigid motions); ``meta`` is ``source``, ``root``, then the given
+    ``meta``, ``head_poses`` and the ``frame_numbers``. Errors name ``root``."""
     subject = Subject(
         name=root.name,
         faces=template_mesh["faces"],
@@ -337,7 +473,9 @@ def tracked_subject(root: Path, source: str, template_mesh: dict, numbers: np.nd
         fps=float(fps),
         uvs=template_mesh["uvs"],
         uv_faces=template_mesh["uv_faces"],
-        meta={"source": source, "root": str(root), **meta, "frame_numbers": [int(n) for n in numbers]},
+        head_poses=np.tile(np.eye(4, dtype=np.float32), (len(numbers), 1, 1)),
+        meta={"source": source, "root": str(root), **meta, "head_poses": "identity",
+              "frame_numbers": [int(n) for n in numbers]},
     )
     return subject.validate(str(root))
 
@@ -366,8 +504,14 @@ def normalised_times(numbers: np.ndarray) -> np.ndarray:  # [T] int
     """Normalised time ``(n - n_first) / (n_last - n_first)`` in [0, 1], float32 ``[T]``.
 
     Frame numbers rather than positions are used so that frames the tracker skipped leave a
-    gap in time, as they did in the video. GraphAvatar's code divides by the frame count
-    instead; the two differ by at most one frame step.
+    gap in time, as they did in the video; train and test frames share one time axis.
+
+    GraphAvatar's readers differ. NBS: ``img_id / N`` with ``N`` the frame count of
+    ``transforms.json``; for ids ``0..N-1`` this differs from ours by at most one frame step
+    (``1 / N``). INSTA: ``frame / N_split`` with ``N_split`` the length of the split file being
+    read, so its training times run up to about ``N / (N - 350)`` (past 1) and its test times
+    up to about ``N / 350``; there the two conventions differ by much more than one step, and
+    only the NBS statement holds.
     """
     numbers = np.asarray(numbers, np.float64)
     span = max(numbers[-1] - numbers[0], 1.0)
@@ -375,13 +519,14 @@ def normalised_times(numbers: np.ndarray) -> np.ndarray:  # [T] int
 
 
 def parse_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    """``(height, width)`` from one int (square) or a pair; raises on non-positive sizes."""
+    """``(height, width)`` from one int (square) or a pair; non-positive sizes raise
+    :class:`~headkit.errors.InvalidConfigValue` naming ``data.image_size``."""
     if np.isscalar(image_size):
         size = (int(image_size), int(image_size))
     else:
         size = tuple(int(s) for s in image_size)
     if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+        raise InvalidConfigValue(f"data.image_size must be a positive int or [height, width], got {image_size!r}")
     return size
 
 
