@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from headkit.lpips_net import MetricUnavailable, get_lpips, lpips_available
+from headkit.lpips_net import MetricUnavailable, get_lpips, lpips_available, prepare_lpips_weights
 
 __all__ = [
-    "l2", "psnr", "ssim", "dssim", "lpips", "lpips_available", "MetricUnavailable",
+    "l2", "psnr", "ssim", "dssim", "lpips", "lpips_available", "prepare_lpips_weights", "MetricUnavailable",
     "compute_image_metrics", "model_size_mb", "file_size_mb", "time_fn", "Stopwatch",
 ]
 
@@ -136,26 +136,30 @@ def dssim(preds: Tensor, targets: Tensor, **ssim_kwargs) -> Tensor:  # [B, H, W,
 
 
 def lpips(preds: Tensor, targets: Tensor, *, alexnet_path: str | os.PathLike | None = None,
-          lin_path: str | os.PathLike | None = None) -> Tensor:  # [B, H, W, 3] or [H, W, 3]
+          lin_path: str | os.PathLike | None = None,
+          download: bool = False) -> Tensor:  # [B, H, W, 3] or [H, W, 3]
     """LPIPS (AlexNet, v0.1) per image; see :mod:`headkit.lpips_net`.
 
     The network is cached per device. Gradients flow to the images when they require grad.
+    ``download=True`` fetches weights missing at their default place into the torch hub cache
+    first, as the lpips package does (never with ``HEADKIT_OFFLINE=1``); the default does not.
 
     Raises:
         MetricUnavailable: a weight file is missing (``reason`` says which and where).
     """
     preds, targets, single = _as_batch(preds, targets, "lpips")
-    net = get_lpips(preds.device, alexnet_path, lin_path)
+    net = get_lpips(preds.device, alexnet_path, lin_path, download=download)
     return _unbatch(net(preds, targets), single)
 
 
 @torch.no_grad()
 def compute_image_metrics(preds: Tensor, targets: Tensor, *, with_lpips: bool = True,
-                          alexnet_path: str | os.PathLike | None = None) -> dict:  # [B,H,W,3]
+                          alexnet_path: str | os.PathLike | None = None,
+                          download: bool = False) -> dict:  # [B,H,W,3]
     """Batch means of L2, PSNR, SSIM and LPIPS as Python floats, ready for ``metrics.json``.
 
     When LPIPS cannot be computed the result holds ``"lpips": None`` and
-    ``"lpips_unavailable_reason"``; it is never reported as 0.
+    ``"lpips_unavailable_reason"``; it is never reported as 0. ``download``: see :func:`lpips`.
     """
     out = {"l2": l2(preds, targets).mean().item(),
            "psnr": psnr(preds, targets).mean().item(),
@@ -165,7 +169,7 @@ def compute_image_metrics(preds: Tensor, targets: Tensor, *, with_lpips: bool = 
         out["lpips_unavailable_reason"] = "LPIPS disabled by the caller"
         return out
     try:
-        out["lpips"] = lpips(preds, targets, alexnet_path=alexnet_path).mean().item()
+        out["lpips"] = lpips(preds, targets, alexnet_path=alexnet_path, download=download).mean().item()
     except MetricUnavailable as exc:
         out["lpips_unavailable_reason"] = exc.reason
     return out

@@ -12,6 +12,9 @@ frame (seconds, as the paper) and model size (MB). A run's metrics are its newes
 note under the table when all rows share it, else as a ``metrics from`` column. Evaluation
 folders are not runs of their own. A run without metrics (unfinished or crashed) is listed as
 such. Prints the markdown table and writes it to ``DIR/ablation_table.md`` (or ``--out``).
+
+For several subjects or seeds (mean ± std, CSV, plots) use the general gatherer:
+``python scripts/table.py runs=DIR group=ablation_name``.
 """
 
 from __future__ import annotations
@@ -20,9 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from headkit.engine.runs import in_eval_folder, latest_metrics
+from headkit.engine.runs import find_runs, latest_metrics, run_value
 
 ORDER = ("no_warmup", "no_neural", "no_ggo", "no_enhancer", "full")  # Table 2's row order
 LABELS = {"no_warmup": "w/o Warm-up Stage", "no_neural": "w/o Neural Gaussian",
@@ -35,31 +36,20 @@ COLUMNS = (("L2", "l2", 1.0, "{:.4f}"), ("PSNR", "psnr", 1.0, "{:.2f}"), ("SSIM"
 
 def _ablation_name(run: Path) -> str:
     """The run's ablation: config ``ablation_name``, else the Hydra override, else the folder name."""
-    config = run / "config.yaml"
-    if config.is_file():
-        name = OmegaConf.load(config).get("ablation_name")
+    for key in ("ablation_name", "ablation"):  # run_value: config.yaml, then .hydra/overrides.yaml
+        name = run_value(run, key)
         if name:
             return str(name)
-    overrides = run / ".hydra" / "overrides.yaml"
-    if overrides.is_file():
-        for item in OmegaConf.load(overrides):
-            if str(item).startswith("ablation="):
-                return str(item).split("=", 1)[1]
     return run.name
 
 
 def collect(root: str | Path) -> list[dict]:
     """One row per run folder under ``root``: ``{"ablation", "run", "metrics" (None if missing),
     "source" (:func:`latest_metrics`' label, None if missing)}``, in Table 2's order (other
-    names after, alphabetically). ``RUN/eval/<name>/`` folders are not rows."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (pass the multirun folder, e.g. "
-                                f"outputs/train/multirun_<date_time>)")
-    runs = {p.parent for p in root.rglob("metrics.json") if not in_eval_folder(p)}
-    runs |= {p.parent for p in root.rglob("config.yaml") if ".hydra" not in p.parts and not in_eval_folder(p)}
+    names after, alphabetically). ``RUN/eval/<name>/`` folders are not rows
+    (:func:`headkit.engine.runs.find_runs`, shared with ``scripts/table.py``)."""
     rows = []
-    for run in sorted(runs):
+    for run in find_runs(root):
         try:
             metrics, source = latest_metrics(run)
         except FileNotFoundError:

@@ -12,8 +12,9 @@ order), and printed as markdown; the result is also written to ``DIR/neuralcache
 from ``scripts/eval.py``), else the training's ``RUN/metrics.json``
 (:func:`headkit.engine.runs.latest_metrics`); under each table a note states the source when
 all its rows share one, else a ``metrics from`` column does. Evaluation folders are not runs
-of their own. Runs without metrics are listed as unfinished. Works for any method whose
-evaluation returns ``tables``.
+of their own (:func:`headkit.engine.runs.find_runs`, shared with ``scripts/table.py``). Runs
+without metrics are listed as unfinished. Works for any method whose evaluation returns
+``tables``. For mean ± std over subjects and seeds, CSV and plots: ``scripts/table.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from headkit.engine.runs import in_eval_folder, latest_metrics
+from headkit.engine.runs import find_runs, latest_metrics
 
 SOURCE = "metrics from"  # row key: latest_metrics' label of the run the row came from
 
@@ -59,12 +60,7 @@ def gather(roots: list[str | Path]) -> tuple[dict[str, dict], list[str]]:
     tables: dict[str, dict] = {}
     unfinished = []
     for root in map(Path, roots):
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such folder (pass run or multirun folders, e.g. "
-                                    f"outputs/train/multirun_<date_time>)")
-        runs = sorted({p.parent for p in root.rglob("config.yaml") if ".hydra" not in p.parts and not in_eval_folder(p)}
-                      | {p.parent for p in root.rglob("metrics.json") if not in_eval_folder(p)})
-        for run in runs:
+        for run in find_runs(root):  # raises FileNotFoundError naming a missing root
             try:
                 metrics, source = latest_metrics(run)
             except FileNotFoundError:

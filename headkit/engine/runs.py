@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from headkit.data.dataset import FrameDataset
 from headkit.engine.checkpoint import CheckpointManager
@@ -25,6 +26,7 @@ from headkit.engine.guards import device_from_string
 from headkit.engine.rundir import CONFIG_NAME, METRICS_NAME, load_config, read_metrics, write_metrics
 from headkit.engine.trainer import build_method
 from headkit.errors import InvalidConfigValue
+from headkit.lpips_net import prepare_lpips_weights
 
 EVAL_DIRNAME = "eval"  # RUN/eval/<name>/ holds one evaluation each
 TRAINING_SOURCE = "training"  # latest_metrics' label for the run's own metrics.json
@@ -117,6 +119,11 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", eval_cfg: DictCon
     behaviour, renders and video into ``run_dir`` itself and the metrics merged into its
     ``metrics.json`` (``name`` must then be None).
 
+    With ``eval_cfg["lpips_download"]`` true (scripts/eval.py: configs/eval/default.yaml), LPIPS
+    weights missing at their default place are downloaded first, once, into the torch hub cache
+    (:func:`headkit.lpips_net.prepare_lpips_weights`; a failure leaves LPIPS unavailable with
+    its reason, the evaluation goes on).
+
     The written metrics hold the evaluation's full metrics plus ``run_dir``, ``checkpoint``,
     ``steps``, ``config_name``, ``method`` and ``evaluated_at`` (local ISO time). Returns
     them with ``"eval_dir"`` added: the folder whose ``metrics.json`` was written.
@@ -129,6 +136,8 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", eval_cfg: DictCon
     now = datetime.now()
     out_dir = run_dir if overwrite else _eval_folder(run_dir, name, now)
     ecfg = dict(eval_cfg or {})
+    if ecfg.get("lpips_download"):  # eval.lpips_download (configs/eval/default.yaml): fetch missing weights once
+        prepare_lpips_weights(ecfg)
     metrics = run.model.evaluate(FrameDataset(run.subject, "test"), out_dir, device=run.device,
                                  with_lpips=bool(ecfg.get("lpips", True)), save_video=bool(ecfg.get("video", True)),
                                  timing_repeats=int(ecfg.get("timing_repeats", 20)),
@@ -176,3 +185,72 @@ def latest_metrics(run_dir: str | Path) -> tuple[dict, str]:
             candidates.append((("", 0.0), metrics, TRAINING_SOURCE))  # older than any evaluation
     _, metrics, source = max(candidates, key=lambda c: c[0])
     return metrics, source
+
+
+def find_runs(roots: str | Path | list[str | Path]) -> list[Path]:
+    """Every run folder under ``roots`` (a folder or a list; each may itself be a run), sorted.
+
+    A run folder holds a ``config.yaml`` (not Hydra's ``.hydra/config.yaml``) or a
+    ``metrics.json``; ``RUN/eval/<name>/`` folders are not runs (:func:`in_eval_folder`). The
+    gatherers (``scripts/table.py``, ``ablation_table.py``, ``neuralcache_table.py``) share it.
+
+    Raises:
+        FileNotFoundError: a root is not a folder (the message names it).
+    """
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    found: set[Path] = set()
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such folder (pass run or multirun folders, e.g. "
+                                    f"outputs/train/multirun_<date_time>)")
+        found |= {p.parent for p in root.rglob(METRICS_NAME) if not in_eval_folder(p)}
+        found |= {p.parent for p in root.rglob(CONFIG_NAME)
+                  if ".hydra" not in p.relative_to(root).parts and not in_eval_folder(p)}
+    return sorted(found)
+
+
+def _select(container: Any, key: str) -> Any:
+    """``container``'s value at the dotted ``key`` (None when absent or not resolvable)."""
+    for part in key.split("."):
+        if isinstance(container, dict) and part in container:
+            container = container[part]
+        elif isinstance(container, list) and part.isdigit() and int(part) < len(container):
+            container = container[int(part)]
+        else:
+            return None
+    return container
+
+
+@lru_cache(maxsize=256)
+def _load_yaml(path: str, mtime_ns: int) -> Any:
+    """A parsed config file, cached per path and modification time (gatherers ask it many keys)."""
+    config = OmegaConf.load(path)
+    OmegaConf.set_readonly(config, True)
+    return config
+
+
+def run_value(run_dir: str | Path, key: str, metrics: dict | None = None) -> Any:
+    """A run's value for the dotted ``key``: its ``config.yaml`` (e.g. ``ablation_name``,
+    ``model.variant``, ``seed``), else ``metrics`` (e.g. ``subject``, ``method``), else an
+    override ``key=value`` in ``.hydra/overrides.yaml`` (e.g. ``ablation``); None if none has it."""
+    run_dir = Path(run_dir)
+    config = run_dir / CONFIG_NAME
+    if config.is_file():
+        try:
+            value = OmegaConf.select(_load_yaml(str(config), config.stat().st_mtime_ns), key, default=None,
+                                     throw_on_resolution_failure=False)
+            if OmegaConf.is_config(value):
+                value = OmegaConf.to_container(value, resolve=False)
+        except Exception:  # an unreadable config: fall through to the other sources
+            value = None
+        if value is not None:
+            return value
+    if metrics and _select(metrics, key) is not None:
+        return _select(metrics, key)
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        for item in OmegaConf.load(overrides):
+            name, _, value = str(item).lstrip("+~").partition("=")
+            if name == key and value:
+                return value
+    return None
