@@ -57,7 +57,7 @@ from .graph_unet import AppearanceHead, GeometryHead
 from .losses import GraphAvatarLoss
 from .neural_gaussians import NeuralGaussians
 from .sampling import build_mesh_hierarchy
-from .schedules import LRSchedule
+from .schedules import LRSchedule, ScheduledLR
 from .settings import ConfigValueError, defaults, section
 
 log = logging.getLogger(__name__)
@@ -315,13 +315,15 @@ class GraphAvatar(Method):
         return groups
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:
-        """Adam with one group per module (``optim.lr``) and one LR schedule for all of them."""
+        """Adam with one group per module (``optim.lr``) and one LR schedule for all of them, over
+        ``optim.max_steps`` steps (the run's ``trainer.max_steps`` unless set apart); a resumed
+        run with another length follows the new one (:class:`~graphavatar.schedules.ScheduledLR`)."""
         o = self.settings["optim"]
         groups = [{"params": params, "lr": float(o["lr"][name]), "name": name}
                   for name, params in self.parameter_groups().items()]
         optimizer = torch.optim.Adam(groups)
         schedule = LRSchedule(o["schedule"], o["final_ratio"], o["max_steps"])
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return optimizer, ScheduledLR(optimizer, schedule)
 
     def before_training(self, context: TrainContext) -> None:
         """The warm-up (``warmup.enabled``): pseudo Gaussians, then anchors trained toward them."""

@@ -1,11 +1,19 @@
 """Learning-rate schedules of GraphAvatar (``model.optim.schedule``): a factor of the base rate
 as a function of the run's progress ``t`` in [0, 1]. A new schedule is one function and one
-:data:`LR_SCHEDULES` entry."""
+:data:`LR_SCHEDULES` entry.
+
+The schedule's length is ``model.optim.max_steps`` (by default ``${trainer.max_steps}``, the
+run's length). When a finished run is extended (``trainer.resume=true trainer.max_steps=LONGER``)
+the schedule follows the new length: :class:`ScheduledLR` keeps the configured length when it
+loads a checkpoint's scheduler state, which holds the old one."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
+
+import torch
 
 from headkit.registry import choose
 
@@ -43,3 +51,30 @@ class LRSchedule:
 
     def __call__(self, step: int) -> float:
         return LR_SCHEDULES[self.kind](min(step / self.max_steps, 1.0), self.final_ratio)
+
+
+class ScheduledLR(torch.optim.lr_scheduler.LambdaLR):
+    """``LambdaLR`` over :class:`LRSchedule` factors whose length is the configured one.
+
+    ``LambdaLR.load_state_dict`` restores every schedule's ``__dict__`` from the checkpoint,
+    ``max_steps`` included, so a run resumed with a longer ``trainer.max_steps`` would keep
+    decaying over the old length (and sit at ``final_ratio`` for the whole extension). Here the
+    lengths given at construction win over the loaded ones, and the optimiser's current rates
+    are recomputed for the loaded step with them. Load the optimiser's state first (as
+    :func:`headkit.engine.checkpoint.resume_or_start` does): it holds the rates of the old
+    length. With an unchanged length the recomputed rates are bit-identical to the stored ones.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        lengths = [getattr(fn, "max_steps", None) for fn in self.lr_lambdas]
+        super().load_state_dict(state_dict)
+        for fn, length in zip(self.lr_lambdas, lengths):
+            if length is not None:
+                fn.max_steps = length
+        rates = [base * fn(self.last_epoch) for fn, base in zip(self.lr_lambdas, self.base_lrs)]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

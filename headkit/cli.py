@@ -33,6 +33,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from headkit.data.subject import SubjectError  # also VideoError, ModelFileError
     from headkit.data.video.landmarks import MissingExtraError
     from headkit.download import DownloadError
+    from headkit.engine.checkpoint import CheckpointError
     from headkit.engine.rundir import ConfigMismatch
     from headkit.engine.runs import RunNotFound
     from headkit.engine.trainer import MissingConfigValue
@@ -40,7 +41,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from headkit.headmodel import HeadModelError
 
     return (MissingConfigValue, InvalidConfigValue, ConfigMismatch, SubjectError,
-            HeadModelError, DownloadError, MissingExtraError, RunNotFound,
+            HeadModelError, DownloadError, MissingExtraError, RunNotFound, CheckpointError,
             ConfigKeyError, ConfigAttributeError, MissingMandatoryValue)
 
 

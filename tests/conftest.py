@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HEADKIT_NO_PROGRESS", "1")
+os.environ.setdefault("HEADKIT_OFFLINE", "1")  # the suite never downloads (LPIPS weights: tests serve them locally)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall shared CPUs
 import torch  # noqa: E402  (after the OpenMP setting)
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from graphavatar.ggo import apply_pose_delta
 from graphavatar.losses import GraphAvatarLoss
 from graphavatar.model import GraphAvatar
 from graphavatar.schedules import LRSchedule
@@ -128,9 +129,13 @@ def test_each_ablation_switch_removes_its_module_and_still_trains(subject, switc
     assert not any(k.startswith(attr + ".") for k in ablated.stored_state_dict())
     optimizer, _ = ablated.configure_optimizers()
     before = [p.detach().clone() for p in ablated.parameters()]
-    out, losses, total = step(ablated.train(), train_batch(subject), optimizer)
-    assert math.isfinite(total.item())
+    batch = train_batch(subject)
+    out, losses, total = step(ablated.train(), batch, optimizer)
+    assert total.item() == pytest.approx(sum(v.item() for v in losses.values()))
     assert any(not torch.equal(a, p) for a, p in zip(before, ablated.parameters()))
+    for i in range(1, 4):
+        later = step(ablated, batch, optimizer, i)[2]
+    assert later.item() < total.item()  # it trains: the loss on the batch falls
     if switch == "neural_gaussians":
         assert out["num_gaussians"].tolist() == [float(subject.num_vertices)] * 2
     if switch == "enhancer":
@@ -159,6 +164,13 @@ def test_ggo_pose_delta_changes_the_render_and_receives_gradient(subject):
     expected = torch.tensor([0.0, 0.03, 0.0, 0.0, 0.0, 0.0])
     torch.testing.assert_close(out["delta_pose"][0], expected)
     assert (out["image"] - base).abs().max() > 0.05
+    # reference: GGO at zero, the camera itself rotated by the same delta (camtoworld · exp(Δξ))
+    moved = {**batch, "camtoworld": apply_pose_delta(batch["camtoworld"], expected[None], side="right")}
+    with torch.no_grad():
+        model.ggo.out_proj.bias[subject.expression_dim + 1] = 0.0
+        reference = model.get_outputs(moved)["image"]
+        model.ggo.out_proj.bias[subject.expression_dim + 1] = 0.03
+    torch.testing.assert_close(out["image"].detach(), reference, atol=1e-5, rtol=0)
     out["delta_pose"].retain_grad()
     losses = model.get_loss_dict(out, batch, 0)
     torch.stack(list(losses.values())).sum().backward()
@@ -171,7 +183,7 @@ def test_ggo_pose_delta_changes_the_render_and_receives_gradient(subject):
     # ... unless asked to refine them too
     model.settings["ggo"]["apply_on_test"] = True
     with torch.no_grad():
-        assert (model.get_outputs(batch)["image"] - base).abs().max() > 0.05
+        torch.testing.assert_close(model.get_outputs(batch)["image"], reference, atol=1e-5, rtol=0)
 
 
 def test_head_and_world_input_spaces_render_the_same_initial_gaussians(subject):
@@ -208,11 +220,15 @@ def test_warmup_reduces_the_anchor_to_pseudo_error(subject, tmp_path):
     # the full hook writes its summary to the run folder
     model.before_training(TrainContext(subject, train, torch.device("cpu"), tmp_path, None, False))
     summary = json.loads((tmp_path / "warmup.json").read_text())
-    assert summary["anchor_steps"] == 30 and "psnr" in summary["pseudo_fit_test_metrics"]
+    assert summary["anchor_steps"] == 30 and summary["pseudo_fit_steps"] == 10
+    errors = summary["anchor_errors"]  # means of steps 1-10 and 21-30 (warmup.log_every=10)
+    assert errors["after"]["loss"] < errors["before"]["loss"]
+    assert errors["before"]["loss"] == pytest.approx(sum(errors["before"][k] for k in errors["before"] if k != "loss"),
+                                                     rel=1e-5)  # warmup.weights are all 1
 
 
 def test_warmup_l1_and_world_space_comparison(subject):
-    model = small_model(subject, input_space="world", warmup={"loss": "l1", "steps": 5})
+    model = small_model(subject, input_space="world", warmup={"loss": "l1", "steps": 10, "log_every": 5})
     train = FrameDataset(subject, "train")
     pseudo = fit_pseudo_gaussians(model, train, torch.device("cpu"), show_progress=False)
     batch = train.batch([4])
@@ -221,8 +237,24 @@ def test_warmup_l1_and_world_space_comparison(subject):
     with torch.no_grad():
         a, b = head_space_anchors(model, batch), head_space_anchors(head_model, batch)
     torch.testing.assert_close(a["means"], b["means"], atol=1e-5, rtol=0)
+    # warmup.loss=l1: mean absolute differences, by hand
+    everything = train.batch(range(len(train)))
+
+    def l1_errors():
+        with torch.no_grad():
+            anchors = head_space_anchors(model, everything)
+            return anchors, anchor_errors(anchors, pseudo, model.edge_length, "l1")
+
+    anchors, before = l1_errors()
+    assert before["means"].item() == pytest.approx(
+        ((anchors["means"] - pseudo.means) / model.edge_length).abs().mean().item(), rel=1e-5)
+    assert before["opacities"].item() == pytest.approx((anchors["opacities"] - pseudo.opacities).abs().mean().item(),
+                                                       rel=1e-5)
     history = train_anchors(model, pseudo, train, torch.device("cpu"), show_progress=False)
-    assert math.isfinite(history["after"]["loss"])
+    after = l1_errors()[1]
+    assert sum(after.values()).item() < 0.9 * sum(before.values()).item()
+    assert history["after"]["loss"] < history["before"]["loss"]  # steps 6-10 against steps 1-5
+    assert history["after"]["loss"] == pytest.approx(sum(history["after"][k] for k in before), rel=1e-5)  # weights 1
 
 
 def test_loss_terms_hand_values_and_lpips_skipped_once(caplog):
@@ -269,6 +301,24 @@ def test_optimizer_groups_and_schedules(subject):
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.01 ** 0.5)
+    # a checkpoint of this 10-step schedule loaded into a 20-step run (an extended run) takes the new length
+    saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    assert saved["scheduler"]["lr_lambdas"][0]["max_steps"] == 10
+    for length in (20, 10):
+        model2 = small_model(subject, optim={"lr": {"ggo": 3e-4}, "schedule": "exponential", "final_ratio": 0.01,
+                                             "max_steps": length})
+        optimizer2, scheduler2 = model2.configure_optimizers()
+        optimizer2.load_state_dict(saved["optimizer"])  # as resume_or_start does: optimizer first
+        scheduler2.load_state_dict(saved["scheduler"])
+        assert scheduler2.lr_lambdas[0].max_steps == length and scheduler2.last_epoch == 5
+        lrs = [g["lr"] for g in optimizer2.param_groups]
+        assert lrs == pytest.approx([base * 0.01 ** (5 / length) for base in (1e-3, 1e-2, 2e-3, 3e-4, 1e-3)])
+        assert scheduler2.get_last_lr() == lrs
+        if length == 10:  # the same length: the stored rates, bit for bit
+            assert lrs == [g["lr"] for g in optimizer.param_groups]
+        optimizer2.step()
+        scheduler2.step()
+        assert optimizer2.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.01 ** (6 / length))
     assert LRSchedule("cosine", 0.1, 10)(5) == pytest.approx(0.55)
     assert LRSchedule("cosine", 0.1, 10)(20) == pytest.approx(0.1)
     assert LRSchedule("constant", 0.1, 10)(7) == 1.0
@@ -334,11 +384,29 @@ def test_composed_config_trains_end_to_end(tmp_path):
     assert cfg.experiment_name == "synthetic_subject"
     metrics = train(cfg)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert written["steps"] == 3 and written["method"] == "GraphAvatar"
-    for key in ("psnr", "ssim", "l2", "time_per_frame_ms", "model_size_mb", "num_gaussians",
-                "ggo_rot_err_deg_before", "ggo_rot_err_deg_after"):
-        assert isinstance(written[key], float), key
-    assert written["ggo_rot_err_deg_before"] > 0 and metrics["psnr"] == written["psnr"]
+    assert written["steps"] == 3 and written["method"] == "GraphAvatar" and metrics["psnr"] == written["psnr"]
+    # references computed outside the trainer from the run's checkpoint and the subject's truth
+    from headkit.engine.runs import load_run
+    run = load_run(tmp_path / "run", device="cpu")
+    s, model, test = run.subject, run.model, FrameDataset(run.subject, "test")
+    with torch.no_grad():
+        outs = [model.get_outputs(test.batch([i])) for i in range(len(test))]
+    mses = [((o["image"].clamp(0, 1).double() - test.batch([i])["image"].double()) ** 2).mean().item()
+            for i, o in enumerate(outs)]
+    assert written["l2"] == pytest.approx(np.mean(mses), rel=1e-4)
+    assert written["psnr"] == pytest.approx(np.mean([10 * np.log10(1 / m) for m in mses]), rel=1e-4)
+    assert written["num_gaussians"] == pytest.approx(np.mean([o["num_gaussians"].item() for o in outs]))
+    assert s.num_vertices <= written["num_gaussians"] <= s.num_vertices * 3  # anchors + up to k=2 children each
+    stored = model.stored_state_dict()
+    assert written["model_size_mb"] == pytest.approx(sum(t.numel() * t.element_size() for t in stored.values()) / 2**20)
+    ids = s.train_ids
+    tracked, true = s.camtoworlds[ids].astype(np.float64), s.extras["true_camtoworlds"][ids].astype(np.float64)
+    cos = (np.einsum("nij,nij->n", tracked[:, :3, :3], true[:, :3, :3]) - 1) / 2
+    assert written["ggo_rot_err_deg_before"] == pytest.approx(np.degrees(np.arccos(np.clip(cos, -1, 1))).mean(),
+                                                              rel=1e-3)
+    assert written["ggo_trans_err_before"] == pytest.approx(
+        np.linalg.norm(tracked[:, :3, 3] - true[:, :3, 3], axis=-1).mean(), rel=1e-4)
+    assert 0.2 < written["ggo_rot_err_deg_before"] < 3.0  # data.generator.tracking_noise.pose_rot_deg=1.0
     assert (tmp_path / "run" / "warmup.json").is_file()
     assert any((tmp_path / "data").glob("mesh_hierarchy/*.npz"))  # hierarchy cached with the data
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import re
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from headkit.data.dataset import FrameDataset
 from headkit.data.folder import write_subject_folder
 from headkit.engine import ConfigMismatch, NonFiniteError
 from headkit.engine.checkpoint import CheckpointManager
@@ -28,13 +33,19 @@ CONFIGS = str(ROOT / "configs")
 class TinyMethod(Method):
     """A per-pixel image plus an expression-driven tint: small, but uses the whole interface."""
 
-    def __init__(self, subject, lr: float = 0.05, nan_at_step: int = -1):
+    def __init__(self, subject, lr: float = 0.05, nan_at_step: int = -1, fail_before_training: bool = False):
         super().__init__()
         self.expression_dim = subject.expression_dim
         self.logits = torch.nn.Parameter(torch.zeros(subject.height, subject.width, 3))
         self.tint = torch.nn.Linear(subject.expression_dim, 3)
         self.lr = lr
         self.nan_at_step = nan_at_step
+        self.fail_before_training = fail_before_training
+
+    def before_training(self, context):
+        if self.fail_before_training:
+            context.logger.scalars({"warmup/loss": 1.0}, 0)  # something written before the failure
+            raise RuntimeError("failed in the warm-up")
 
     def configure_optimizers(self):
         opt = torch.optim.Adam(self.parameters(), lr=self.lr)
@@ -51,10 +62,12 @@ class TinyMethod(Method):
         return {"l1": l1}
 
 
-def make_cfg(tmp_path: Path, run_name: str = "run", model: dict | None = None, **trainer):
-    subject_dir = tmp_path / "subject"
+def make_cfg(tmp_path: Path, run_name: str = "run", model: dict | None = None, size: tuple[int, int] = (16, 12),
+             **trainer):
+    subject_dir = tmp_path / ("subject" if size == (16, 12) else f"subject_{size[0]}x{size[1]}")
     if not subject_dir.exists():
-        write_subject_folder(make_tiny_subject(num_frames=8, num_test=2), subject_dir)
+        write_subject_folder(make_tiny_subject(num_frames=8, num_test=2, width=size[0], height=size[1]),
+                             subject_dir)
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=["~model", "data=subject", f"data.root={subject_dir}",
                                           f"run_dir={tmp_path / run_name}", "trainer.progress=false",
@@ -65,22 +78,76 @@ def make_cfg(tmp_path: Path, run_name: str = "run", model: dict | None = None, *
     return cfg
 
 
+def reference_renders(cfg, run: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(render, ground truth)`` ``[1, H, W, 3]`` of each test frame, made outside the trainer's
+    evaluation: a fresh TinyMethod with the run's final checkpoint, on the subject read again."""
+    subject = instantiate(cfg.data, _convert_="all")
+    model = TinyMethod(subject)
+    model.load_state_dict(CheckpointManager(run / "checkpoints").latest_valid()[1]["model"])
+    test = FrameDataset(subject, "test")
+    with torch.no_grad():
+        return [(model.get_outputs(test.batch([i]))["image"].clamp(0, 1), test.batch([i])["image"])
+                for i in range(len(test))]
+
+
 def test_train_writes_metrics_and_renders(tmp_path):
-    metrics = train(make_cfg(tmp_path))
+    skimage_metrics = pytest.importorskip("skimage.metrics")
+    cfg = make_cfg(tmp_path)
+    with open_dict(cfg):
+        cfg.eval.lpips_weights = str(tmp_path / "no_alexnet.pth")  # the same outcome on every machine
+    metrics = train(cfg)
     run = Path(metrics["run_dir"])
     saved = json.loads((run / "metrics.json").read_text())
-    for key in ("psnr", "ssim", "l2", "lpips", "time_per_frame_ms", "fps", "model_size_mb", "device",
-                "config_name"):
-        assert key in saved, key
-    assert saved["lpips"] is None or saved["lpips"] >= 0
-    if saved["lpips"] is None:
-        assert saved["lpips_unavailable_reason"]
+    # image metrics against a hand computation on renders made outside the trainer
+    pairs = reference_renders(cfg, run)
+    mses = [float(((p.double() - g.double()) ** 2).mean()) for p, g in pairs]
+    assert saved["l2"] == pytest.approx(np.mean(mses), rel=1e-5)
+    assert saved["psnr"] == pytest.approx(np.mean([10 * np.log10(1 / m) for m in mses]), rel=1e-5)
+    ssims = [skimage_metrics.structural_similarity(p[0].numpy(), g[0].numpy(), channel_axis=-1, data_range=1.0,
+                                                   gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+             for p, g in pairs]
+    assert saved["ssim"] == pytest.approx(np.mean(ssims), abs=1e-3)
+    assert 0 < saved["l2"] < 0.2 and saved["psnr"] > 7  # trained towards the frames, not left at 0.5 grey
+    # LPIPS without weights: null and the reason naming the missing file, never a number
+    assert saved["lpips"] is None and "no_alexnet.pth" in saved["lpips_unavailable_reason"]
+    assert saved["fps"] == pytest.approx(1000.0 / saved["time_per_frame_ms"]) and saved["time_per_frame_ms"] > 0
+    assert saved["device"] == "cpu" and saved["config_name"] == cfg.experiment_name
+    assert saved["steps"] == 20 and saved["method"] == "TinyMethod" and saved["num_test_frames"] == 2
     # per-pixel params (16*12*3) + linear (4*3+3) floats
     assert saved["model_size_mb"] == pytest.approx((16 * 12 * 3 + 15) * 4 / 2**20)
-    assert len(list((run / "test_renders").glob("*.png"))) == 2
+    renders = sorted((run / "test_renders").glob("*.png"))
+    assert len(renders) == 2
+    import imageio.v3 as iio
+    for path, (pred, gt) in zip(renders, pairs):  # render | ground truth, 8-bit
+        expected = torch.cat([pred[0], gt[0]], dim=1).numpy()
+        assert np.abs(iio.imread(path) / 255.0 - expected).max() <= 0.5 / 255 + 1e-6
     assert (run / "config.yaml").is_file() and list(run.glob("tb/events.out.tfevents*"))
     lines = [json.loads(x) for x in (run / "scalars.jsonl").read_text().splitlines()]
-    assert any("loss/l1" in (x.get("values") or x) for x in lines)
+    assert [x["step"] for x in lines if "loss/l1" in x] == [1, 5, 10, 15, 20]  # step 1, then every log_every
+    assert all(x["loss/total"] == x["loss/l1"] > 0 for x in lines if "loss/l1" in x)
+    assert not (run / ".not_started").exists()
+
+
+def test_lpips_in_metrics_equals_a_direct_computation(tmp_path):
+    """With (stand-in, seeded) AlexNet weights the run's LPIPS is a number > 0 equal to LPIPS of
+    renders made outside the trainer; 0 or null would fail."""
+    from headkit.lpips_net import AlexNetFeatures, clear_lpips_cache
+    from headkit.metrics import lpips
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(AlexNetFeatures().state_dict(), weights)
+    clear_lpips_cache()
+    cfg = make_cfg(tmp_path, "lpips", size=(32, 32), max_steps=4)
+    with open_dict(cfg):
+        cfg.eval.lpips_weights = str(weights)
+    try:
+        saved = json.loads((Path(train(cfg)["run_dir"]) / "metrics.json").read_text())
+        expected = np.mean([lpips(p, g, alexnet_path=weights).item() for p, g in reference_renders(cfg, tmp_path / "lpips")])
+    finally:
+        clear_lpips_cache()
+    assert expected > 1e-3
+    assert saved["lpips"] == pytest.approx(expected, rel=1e-5)
+    assert "lpips_unavailable_reason" not in saved
 
 
 def test_resume_matches_an_unkilled_run(tmp_path):
@@ -114,9 +181,139 @@ def test_nan_loss_stops_and_keeps_last_good_state(tmp_path):
 
 def test_existing_run_is_never_overwritten(tmp_path):
     train(make_cfg(tmp_path, "same", max_steps=3))
-    with pytest.warns(UserWarning, match="already holds a run"):
+    with pytest.warns(UserWarning, match="already holds a run") as record:
         second = train(make_cfg(tmp_path, "same", max_steps=3))
     assert Path(second["run_dir"]).name == "same-1"
+    message = str(record[0].message)  # command-line spelling, and only options train.py has
+    assert f"(trainer.resume=true run_dir={tmp_path / 'same'} continues it)" in message
+    assert "resume=True" not in message and "overwrite" not in message
+
+
+def _corrupt(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
+
+
+def test_resume_with_every_checkpoint_unreadable_stops_and_names_them(tmp_path):
+    from headkit.cli import describe, user_errors
+    from headkit.engine.checkpoint import NothingToResume
+    train(make_cfg(tmp_path, "broken", max_steps=10))
+    run = tmp_path / "broken"
+    paths = [p for _, p in CheckpointManager(run / "checkpoints").checkpoints()]
+    assert [p.name for p in paths] == ["ckpt_00000005.pt", "ckpt_00000010.pt"]
+    for path in paths:
+        _corrupt(path)
+    before = _hashes(run)
+    with pytest.raises(NothingToResume) as info:
+        train(make_cfg(tmp_path, "broken", max_steps=20, resume=True))
+    message = str(info.value)
+    assert "none of the 2 checkpoint(s)" in message and all(str(p) in message for p in paths)
+    assert _hashes(run) == before  # metrics, curves, config and the broken files untouched
+    assert isinstance(info.value, user_errors())  # scripts print it as one error: line with its hint
+    line, hint = describe(info.value)
+    assert "\n" not in line and "trainer.resume=true" in hint and "run_dir=" in hint
+
+
+def test_skipped_corrupt_checkpoint_is_logged_for_train_log(tmp_path, caplog):
+    train(make_cfg(tmp_path, "skip", max_steps=10))
+    _corrupt(CheckpointManager(tmp_path / "skip" / "checkpoints").path_for(10))
+    log_file = tmp_path / "train.log"  # what Hydra's file handler on the root logger does
+    handler = logging.FileHandler(log_file)
+    logging.getLogger().addHandler(handler)
+    try:
+        with caplog.at_level(logging.WARNING):
+            resumed = train(make_cfg(tmp_path, "skip", max_steps=12, resume=True))
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert resumed["steps"] == 12
+    assert "ckpt_00000010.pt" in log_file.read_text() and "falling back" in log_file.read_text()
+    lines = [json.loads(x) for x in (tmp_path / "skip" / "scalars.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss/l1" in x] == [1, 5, 6, 10]  # from 5: steps 6 (first after resume) and 10 again
+
+
+def test_resume_refuses_a_finished_run_without_checkpoints_and_a_shorter_run(tmp_path):
+    from headkit.engine.checkpoint import NothingToResume
+    from headkit.errors import InvalidConfigValue
+    train(make_cfg(tmp_path, "done", max_steps=10))
+    with pytest.raises(InvalidConfigValue, match=r"trainer\.max_steps=5: .* already done 10 steps; "
+                                                 r"pass trainer\.max_steps=10 or more"):
+        train(make_cfg(tmp_path, "done", max_steps=5, resume=True))
+    for _, path in CheckpointManager(tmp_path / "done" / "checkpoints").checkpoints():
+        path.unlink()
+    before = _hashes(tmp_path / "done")
+    with pytest.raises(NothingToResume, match="metrics.json"):
+        train(make_cfg(tmp_path, "done", max_steps=20, resume=True))
+    assert _hashes(tmp_path / "done") == before
+
+
+def test_extending_a_finished_run_continues_it(tmp_path):
+    train(make_cfg(tmp_path, "short", max_steps=10))
+    extended = train(make_cfg(tmp_path, "short", max_steps=15, resume=True))
+    assert extended["steps"] == 15
+    state = CheckpointManager(tmp_path / "short" / "checkpoints").latest_valid()[1]
+    assert state["step"] == 15 and state["scheduler"]["last_epoch"] == 15
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05 * 0.99 ** 15)  # ExponentialLR(0.99)
+    assert OmegaConf.load(tmp_path / "short" / "config.yaml").trainer.max_steps == 15
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_its_run_dir(tmp_path):
+    from hydra.errors import InstantiationException
+    from headkit.engine.rundir import _hydra_run_dir
+    run = tmp_path / "retry"
+    bad = make_cfg(tmp_path, "retry", max_steps=3)
+    bad.data.root = str(tmp_path / "no_such_subject")
+    with pytest.raises(InstantiationException, match="subject folder not found"):
+        train(bad)  # failed while loading the data
+    assert (run / "config.yaml").is_file() and (run / ".not_started").is_file()
+    assert _hydra_run_dir(str(run), False, "dated") == str(run)  # Hydra's log goes there too
+    with pytest.raises(RuntimeError, match="warm-up"):  # failed after the logger and checkpoints/ were made
+        train(make_cfg(tmp_path, "retry", max_steps=3, model={"fail_before_training": True}))
+    assert (run / "scalars.jsonl").read_text() and list(run.glob("tb/events*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "already holds a run" warning
+        metrics = train(make_cfg(tmp_path, "retry", max_steps=3))
+    assert metrics["run_dir"] == str(run) and not (tmp_path / "retry-1").exists()
+    assert not (run / ".not_started").exists() and len(list(run.glob("tb/events*"))) == 1
+    lines = [json.loads(x) for x in (run / "scalars.jsonl").read_text().splitlines()]
+    assert not any("warmup/loss" in x for x in lines)  # the failed start's records are gone
+    # once a step is done the folder holds a run: the next one goes to a sibling
+    assert _hydra_run_dir(str(run), False, "dated") == "dated"
+    with pytest.warns(UserWarning, match="retry-1"):
+        train(make_cfg(tmp_path, "retry", max_steps=3))
+
+
+def test_a_not_started_folder_of_a_live_process_is_never_cleared(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from headkit.engine.rundir import NOT_STARTED, make_run_dir
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for name, owner, reused in (("live", f"{socket.gethostname()} {os.getppid()}", False),  # e.g. in its warm-up
+                                ("other_host", f"not-{socket.gethostname()} {gone.pid}", False),
+                                ("gone", f"{socket.gethostname()} {gone.pid}", True)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / NOT_STARTED).write_text(owner + "\n")
+        (folder / "config.yaml").write_text("a: 1\n")
+        if reused:
+            assert make_run_dir(folder) == folder and not (folder / "config.yaml").exists()
+        else:
+            with pytest.warns(UserWarning, match="already holds a run"):
+                assert make_run_dir(folder) == tmp_path / f"{name}-1"
+            assert (folder / "config.yaml").read_text() == "a: 1\n"
+
+
+def test_resume_of_a_run_that_failed_before_its_first_step_starts_afresh(tmp_path):
+    bad = make_cfg(tmp_path, "again", max_steps=3)
+    bad.data.root = str(tmp_path / "no_such_subject")
+    with pytest.raises(Exception, match="subject folder not found"):
+        train(bad)
+    # resuming with the corrected config is no config mismatch: there is nothing to resume
+    metrics = train(make_cfg(tmp_path, "again", max_steps=3, resume=True))
+    assert metrics["steps"] == 3 and metrics["run_dir"] == str(tmp_path / "again")
+    assert OmegaConf.load(tmp_path / "again" / "config.yaml").data.root == str(tmp_path / "subject")
 
 
 def _hashes(folder: Path) -> dict[str, str]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from headkit.engine.files import atomic_open
 from headkit.engine.seed import capture_rng_state, restore_rng_state
+from headkit.errors import InvalidConfigValue
 
 
 class CheckpointError(RuntimeError):
@@ -33,6 +34,16 @@ class CorruptCheckpoint(CheckpointError):
 
 class CorruptCheckpointWarning(RuntimeWarning):
     """Emitted when :meth:`CheckpointManager.latest_valid` skips a corrupt file."""
+
+
+class NothingToResume(CheckpointError, InvalidConfigValue):
+    """A resume that cannot continue the run: every checkpoint is unreadable (the message names
+    each file and why), or the run has records but no checkpoint. Never a silent restart from
+    step 0 over the old run. Also an :class:`~headkit.errors.InvalidConfigValue` (the request
+    to resume cannot be honoured), so the scripts print it as one ``error:`` line; ``hint``
+    says what to do."""
+
+    hint: str | None = None
 
 
 def _pid_alive(pid: str) -> bool:
@@ -153,12 +164,17 @@ class CheckpointManager:
         Corrupt files are skipped with a :class:`CorruptCheckpointWarning` naming them (they
         are left on disk for inspection and are overwritten if their step is saved again).
         """
+        return self._newest_loadable(map_location, [])
+
+    def _newest_loadable(self, map_location, skipped: list[CorruptCheckpoint]) -> tuple[Path, dict] | None:
+        """:meth:`latest_valid`, appending the error of each corrupt file to ``skipped``."""
         for _, path in reversed(self.checkpoints()):
             try:
                 return path, self.load(path, map_location)
             except CorruptCheckpoint as exc:
+                skipped.append(exc)
                 warnings.warn(f"skipping {exc}; falling back to an older checkpoint",
-                              CorruptCheckpointWarning, stacklevel=2)
+                              CorruptCheckpointWarning, stacklevel=3)
         return None
 
 
@@ -187,13 +203,19 @@ def resume_or_start(manager: CheckpointManager, model: nn.Module,
                     restore_rng: bool = True) -> int:
     """Load model/optimizer/scheduler/RNG from the newest valid checkpoint; return its step.
 
-    Returns 0 when there is no usable checkpoint (a fresh start). The returned value is the
+    Returns 0 when there is no checkpoint at all (a fresh start). The returned value is the
     number of steps already done, so a loop ``for step in range(start, total)`` continues
-    where the checkpoint left off. A checkpoint lacking a needed entry raises
-    :class:`CheckpointError` naming the file and the key.
+    where the checkpoint left off. Corrupt files are skipped with a
+    :class:`CorruptCheckpointWarning`; when *every* checkpoint is corrupt,
+    :class:`NothingToResume` names each file and its fault instead of starting over. A
+    checkpoint lacking a needed entry raises :class:`CheckpointError` naming the file and the key.
     """
-    found = manager.latest_valid()
+    skipped: list[CorruptCheckpoint] = []
+    found = manager._newest_loadable("cpu", skipped)
     if found is None:
+        if skipped:
+            raise NothingToResume(f"cannot resume: none of the {len(skipped)} checkpoint(s) in "
+                                  f"{manager.directory} can be read: " + "; ".join(map(str, skipped)))
         return 0
     path, state = found
     wanted = {"step": True, "model": True, "optimizer": optimizer is not None,

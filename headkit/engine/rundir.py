@@ -3,15 +3,19 @@
 A run directory holds ``config.yaml`` (resolved), TensorBoard events, ``scalars.jsonl``,
 ``checkpoints/``, rendered images and ``metrics.json``. Hydra may already have created it
 (``hydra.run.dir``) and put its own ``.hydra/`` folder and ``*.log`` file there; those do not
-count as a previous run.
+count as a previous run. Neither does a run that stopped before its first optimisation step
+(a bad data path, a crash in the warm-up): the trainer marks a new run folder with
+:data:`NOT_STARTED` until the first step is done, and such a folder is cleared and reused.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import shutil
+import socket
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +26,10 @@ from headkit.engine.files import atomic_write_text, to_jsonable
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.json"
+#: marker file of a run folder whose run has not completed an optimisation step yet
+NOT_STARTED = ".not_started"
+
+log = logging.getLogger(__name__)
 
 
 def _hydra_run_dir(run_dir, resume, default):
@@ -31,7 +39,7 @@ def _hydra_run_dir(run_dir, resume, default):
     run's folder (the engine then picks ``run_dir-1``, see :func:`make_run_dir`)."""
     if run_dir is None:
         return default
-    if resume or not _run_entries(Path(str(run_dir))):
+    if resume or not holds_run(Path(str(run_dir))):
         return str(run_dir)
     return default
 
@@ -47,19 +55,91 @@ def _run_entries(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
 
 
+def _stopped(owner: str) -> bool:
+    """Whether the process named by a :data:`NOT_STARTED` marker (``host pid``) has stopped: it
+    is this process (an earlier call that failed) or a process of this host that is gone. A
+    process of another host (a shared file system) counts as running, so is one still alive
+    (e.g. in a long warm-up): its folder is never cleared under it."""
+    host, _, pid = owner.partition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def not_started(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds only a run that stopped before its first optimisation step: it
+    has the :data:`NOT_STARTED` marker of a process that is no longer running, and neither a
+    checkpoint nor ``metrics.json``."""
+    path = Path(path)
+    marker = path / NOT_STARTED
+    if not marker.is_file() or (path / METRICS_NAME).exists():
+        return False
+    checkpoints = path / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.glob("*.pt")):
+        return False
+    try:
+        owner = marker.read_text().splitlines()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return False
+    return _stopped(owner)
+
+
+def holds_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a previous run: anything but Hydra's ``.hydra/`` and ``*.log``,
+    unless it is a run that never started (:func:`not_started`)."""
+    return bool(_run_entries(Path(path))) and not not_started(path)
+
+
+def mark_not_started(run_dir: str | os.PathLike) -> None:
+    """Mark ``run_dir`` as holding a run of this process with no optimisation step done yet (the
+    trainer, before it writes anything else there), so a failed start does not block the folder."""
+    atomic_write_text(Path(run_dir) / NOT_STARTED, f"{socket.gethostname()} {os.getpid()}\n"
+                      "no optimisation step done yet: once this process has stopped, the next run "
+                      "given this folder clears and reuses it\n")
+
+
+def mark_started(run_dir: str | os.PathLike) -> None:
+    """Remove the :data:`NOT_STARTED` marker (after the first optimisation step)."""
+    (Path(run_dir) / NOT_STARTED).unlink(missing_ok=True)
+
+
+def _clear(path: Path) -> None:
+    """Delete the run files of ``path`` (not Hydra's ``.hydra/`` and ``*.log``)."""
+    for entry in _run_entries(path):
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _reuse_if_not_started(path: Path) -> None:
+    if not_started(path):
+        log.info("run folder %s holds a run that stopped before its first step; reusing it", path)
+        _clear(path)
+
+
 def make_run_dir(root: str | os.PathLike, name: str | None = None, *, overwrite: bool = False,
-                 resume: bool = False) -> Path:
+                 resume: bool = False, hint: str | None = None) -> Path:
     """Create (or pick) the folder for a run, never silently reusing a previous run's.
 
     The candidate is ``root/name``, or ``root`` itself when ``name`` is None (a folder given
     by Hydra). If it holds no run yet (missing, empty, or only Hydra's ``.hydra/`` and
-    ``*.log``) it is used. Otherwise:
+    ``*.log``) it is used; so is one whose run stopped before its first step
+    (:func:`not_started`), after its run files are deleted. Otherwise:
 
     * ``resume=True``: it is returned as is, to continue from its checkpoints;
     * ``overwrite=True``: its run files are deleted first (only if it has a ``config.yaml``,
       i.e. it is recognisably a run folder; anything else is refused);
     * neither: the first free sibling ``NAME-1``, ``NAME-2``, ... is created and a warning
-      names both folders.
+      names both folders, followed by ``hint`` (the caller's own way to continue the run,
+      spelled as its command line takes it, e.g. ``trainer.resume=true run_dir=...``).
 
     Returns the run folder, created.
     """
@@ -67,6 +147,7 @@ def make_run_dir(root: str | os.PathLike, name: str | None = None, *, overwrite:
         raise ValueError("make_run_dir: overwrite=True and resume=True contradict each other")
     root = Path(root)
     candidate = root / name if name is not None else root
+    _reuse_if_not_started(candidate)
     entries = _run_entries(candidate)
     if entries and resume:
         return candidate
@@ -79,12 +160,12 @@ def make_run_dir(root: str | os.PathLike, name: str | None = None, *, overwrite:
         return candidate
     if entries:
         index = 1
-        while _run_entries(candidate.with_name(f"{candidate.name}-{index}")):
+        while holds_run(candidate.with_name(f"{candidate.name}-{index}")):
             index += 1
         fresh = candidate.with_name(f"{candidate.name}-{index}")
-        warnings.warn(f"run folder {candidate} already holds a run; writing to {fresh} instead "
-                      "(pass resume=True to continue it or overwrite=True to replace it)",
-                      UserWarning, stacklevel=2)
+        _reuse_if_not_started(fresh)
+        warnings.warn(f"run folder {candidate} already holds a run; writing to {fresh} instead"
+                      + (f" ({hint})" if hint else ""), UserWarning, stacklevel=2)
         candidate = fresh
     candidate.mkdir(parents=True, exist_ok=True)
     return candidate

@@ -102,7 +102,7 @@ def _eval_folder(run_dir: Path, name: str | None, now: datetime) -> Path:
         folder = candidate.with_name(f"{name}-{index}")
     if folder != candidate:
         warnings.warn(f"evaluation folder {candidate} already holds an evaluation; writing to {folder} "
-                      "instead (pass another name, or overwrite=True to replace the run's own metrics)",
+                      "instead (pass another name, or overwrite=true to replace the run's own metrics)",
                       UserWarning, stacklevel=3)
     return folder
 

@@ -5,6 +5,14 @@ It builds the subject and the method from their ``_target_`` configs, runs the m
 logs to TensorBoard and ``scalars.jsonl``, checkpoints atomically, resumes from the newest valid
 checkpoint, stops cleanly on a non-finite loss or gradient (after checkpointing the last good
 state), and finally evaluates on the test split into ``metrics.json``.
+
+Resuming (``trainer.resume=true run_dir=RUN``): the config must match the saved one except for
+:data:`RESUME_MAY_CHANGE`, so a finished run can be extended with a larger ``trainer.max_steps``
+(GraphAvatar's LR schedule then spans the new length). Corrupt checkpoints are skipped with a
+logged warning (it reaches Hydra's ``train.log``); if none is readable the run stops with
+:class:`~headkit.engine.checkpoint.NothingToResume` naming them, never restarting from step 0
+over the old run. A run folder whose run failed before its first step is reused by the retry
+(:data:`headkit.engine.rundir.NOT_STARTED`).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +29,33 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from headkit.data.dataset import FrameDataset
-from headkit.engine.checkpoint import CheckpointManager, make_checkpoint_state, resume_or_start
-from headkit.errors import InvalidConfigValue
+from headkit.engine.checkpoint import (CheckpointManager, CorruptCheckpointWarning, NothingToResume,
+                                       make_checkpoint_state, resume_or_start)
 from headkit.engine.guards import NonFiniteError, check_finite, check_finite_grads, device_from_string, explain_oom
 from headkit.engine.logging import RunLogger, save_image
-from headkit.progress import progress
 from headkit.engine.method import Method, TrainContext, check_expression_dim
-from headkit.engine.rundir import (check_config_compatible, load_config, make_run_dir, save_config,
+from headkit.engine.rundir import (CONFIG_NAME, METRICS_NAME, check_config_compatible, load_config,
+                                   make_run_dir, mark_not_started, mark_started, save_config,
                                    write_metrics)
 from headkit.engine.seed import seed_everything
+from headkit.errors import InvalidConfigValue
+from headkit.lpips_net import prepare_lpips_weights
+from headkit.progress import progress
 
 log = logging.getLogger(__name__)
 
-#: config keys that may change when a run is resumed
-RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.resume", "trainer.device", "trainer.progress",
-                     "trainer.progress_seconds",
+#: config keys that may change when a run is resumed. ``model.optim.max_steps`` is GraphAvatar's
+#: LR-schedule length, ``${trainer.max_steps}`` by default: extending a run changes both, and the
+#: schedule follows the new length (:class:`graphavatar.schedules.ScheduledLR`).
+RESUME_MAY_CHANGE = ("trainer.max_steps", "model.optim.max_steps", "trainer.resume", "trainer.device",
+                     "trainer.progress", "trainer.progress_seconds",
                      "trainer.log_every", "trainer.image_every", "trainer.ckpt_every", "trainer.num_threads",
                      "eval.*",
                      "paths.*", "run_dir")
+
+#: what to do when a resume cannot continue the run (command-line spelling)
+RESUME_HINT = ("restore a readable checkpoint in the run's checkpoints/ folder, or start a new run: "
+               "leave out trainer.resume=true or pass another run_dir=")
 
 
 class MissingConfigValue(ValueError):
@@ -94,6 +112,42 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         return Path(cfg.paths.output_dir) / "train"
 
 
+def resume_run(run_dir: Path, manager: CheckpointManager, model: Method, optimizer, scheduler,
+               max_steps: int) -> int:
+    """Continue the run in ``run_dir`` (``trainer.resume=true``): load the newest readable
+    checkpoint and return its step, or 0 when the run has none yet.
+
+    Skipped corrupt checkpoints are logged (so they reach Hydra's ``train.log``, not only
+    stderr). Raises :class:`NothingToResume` when every checkpoint is unreadable, or when the
+    run finished (``metrics.json``) but its checkpoints are gone: restarting from step 0 would
+    silently replace it. Raises :class:`InvalidConfigValue` when ``trainer.max_steps`` is
+    below the steps already done.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CorruptCheckpointWarning)
+        try:
+            start = resume_or_start(manager, model, optimizer, scheduler)
+        except NothingToResume as exc:
+            exc.hint = RESUME_HINT
+            raise
+        finally:
+            for warning in caught:
+                log.warning("%s", warning.message)
+    if start == 0 and not manager.checkpoints():
+        if (run_dir / METRICS_NAME).is_file():
+            exc = NothingToResume(f"cannot resume {run_dir}: it holds a finished run ({METRICS_NAME}) but "
+                                  f"no checkpoint in {manager.directory}")
+            exc.hint = RESUME_HINT
+            raise exc
+        if (run_dir / CONFIG_NAME).is_file():
+            log.warning("trainer.resume=true: %s holds no checkpoint yet; starting from step 0",
+                        manager.directory)
+    if start > max_steps:
+        raise InvalidConfigValue(f"invalid config value trainer.max_steps={max_steps}: the run in {run_dir} "
+                                 f"has already done {start} steps; pass trainer.max_steps={start} or more")
+    return start
+
+
 def build_method(cfg: DictConfig, subject) -> Method:
     """Instantiate ``cfg.model`` for ``subject`` (plain containers, not DictConfigs)."""
     # a partial, so Hydra does not try to turn the Subject dataclass into a config node
@@ -144,37 +198,28 @@ def write_preview(model: Method, dataset: FrameDataset, run_dir: Path, logger: R
     return run_dir / "preview.png"
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train the configured method on the configured subject; return the final metrics dict."""
-    validate_config(cfg)
-    tcfg = cfg.trainer
-    run_dir = make_run_dir(resolve_run_dir(cfg), resume=bool(tcfg.resume))
-    if tcfg.resume and (run_dir / "config.yaml").is_file():
+def _open_run(cfg: DictConfig) -> tuple[Path, bool]:
+    """The run folder and whether an existing run is continued (its config checked against
+    ``cfg``); a fresh run gets its ``config.yaml`` and the not-started marker."""
+    resume = bool(cfg.trainer.resume)
+    root = resolve_run_dir(cfg)
+    # a folder whose run stopped before its first step is cleared and reused (rundir.NOT_STARTED)
+    run_dir = make_run_dir(root, resume=resume, hint=f"trainer.resume=true run_dir={root} continues it")
+    continuing = resume and (run_dir / CONFIG_NAME).is_file()
+    if continuing:  # its config.yaml is replaced only once a checkpoint has loaded
         check_config_compatible(load_config(run_dir), cfg, ignore=RESUME_MAY_CHANGE)
-    save_config(run_dir, cfg)
-    seed_everything(int(cfg.seed), deterministic=bool(tcfg.get("deterministic", False)))
-    device = device_from_string(tcfg.device)
-    if tcfg.get("num_threads"):
-        torch.set_num_threads(int(tcfg.num_threads))
+    else:
+        mark_not_started(run_dir)
+        save_config(run_dir, cfg)
+    return run_dir, continuing
 
-    subject = instantiate(cfg.data, _convert_="all")
-    model = build_method(cfg, subject).to(device)
-    train_set = FrameDataset(subject, "train")
-    test_set = FrameDataset(subject, "test")
-    optimizer, scheduler = model.configure_optimizers()
-    manager = CheckpointManager(run_dir / "checkpoints", keep=int(tcfg.keep_checkpoints))
-    start = resume_or_start(manager, model, optimizer, scheduler) if tcfg.resume else 0
-    logger = RunLogger(run_dir, purge_step=start or None)
-    log.info("run folder %s; %s on %s; %d train / %d test frames; starting at step %d",
-             run_dir, type(model).__name__, device, len(train_set), len(test_set), start)
 
-    def save(step: int, **extra) -> None:
-        manager.save(make_checkpoint_state(step, model, optimizer, scheduler, config=cfg, **extra), step)
-
-    began = time.perf_counter()
-    if start == 0:
-        model.before_training(TrainContext(subject, train_set, device, run_dir, logger, bool(tcfg.progress)))
-    preview_set = test_set if len(test_set) else train_set
+def _run_steps(model: Method, optimizer, scheduler, data: tuple[FrameDataset, FrameDataset], run_dir: Path,
+               logger: RunLogger, tcfg: DictConfig, start: int, device, save) -> None:
+    """Optimise from step ``start`` to ``trainer.max_steps``: the sum of the loss dict, finite
+    checks, logging, previews and checkpoints. ``data`` is ``(train set, preview set)``. On a
+    non-finite value the last good state is saved (``save``) before the error goes on."""
+    train_set, preview_set = data
     step = start
     try:
         with explain_oom(("data.generator.width/height or the data resolution",
@@ -196,6 +241,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 if scheduler is not None:
                     scheduler.step()
                 model.after_step(step)
+                if step == start:
+                    mark_started(run_dir)
                 if (step + 1) % tcfg.log_every == 0 or step == start:
                     _log_step(model, optimizer, losses, total, outputs, batch, logger, bar, step + 1)
                 if (step + 1) % tcfg.image_every == 0:
@@ -210,18 +257,61 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # parameters are still those before the failing step: keep them, then stop
         save(step, stopped_by="non-finite")
         logger.close()
-        log.error("stopped at step %d on a non-finite value; last good state saved in %s", step, manager.directory)
+        log.error("stopped at step %d on a non-finite value; last good state saved in %s", step, run_dir / "checkpoints")
         raise
+
+
+def _final_metrics(model: Method, test_set: FrameDataset, run_dir: Path, device, cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate on the test split (``eval`` config group). With ``eval.lpips_download`` missing
+    LPIPS weights are fetched once first (after training, so the run itself is unchanged)."""
+    ecfg = cfg.get("eval", {}) or {}
+    if ecfg.get("lpips_download"):
+        prepare_lpips_weights(ecfg)
+    return model.evaluate(test_set, run_dir, device=device, with_lpips=bool(ecfg.get("lpips", True)),
+                          save_video=bool(ecfg.get("video", True)), timing_repeats=int(ecfg.get("timing_repeats", 20)),
+                          lpips_weights=ecfg.get("lpips_weights"), show_progress=bool(cfg.trainer.progress))
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train the configured method on the configured subject; return the final metrics dict."""
+    validate_config(cfg)
+    tcfg = cfg.trainer
+    run_dir, continuing = _open_run(cfg)
+    seed_everything(int(cfg.seed), deterministic=bool(tcfg.get("deterministic", False)))
+    device = device_from_string(tcfg.device)
+    if tcfg.get("num_threads"):
+        torch.set_num_threads(int(tcfg.num_threads))
+
+    subject = instantiate(cfg.data, _convert_="all")
+    model = build_method(cfg, subject).to(device)
+    train_set, test_set = FrameDataset(subject, "train"), FrameDataset(subject, "test")
+    optimizer, scheduler = model.configure_optimizers()
+    manager = CheckpointManager(run_dir / "checkpoints", keep=int(tcfg.keep_checkpoints))
+    resume = bool(tcfg.resume)
+    start = resume_run(run_dir, manager, model, optimizer, scheduler, int(tcfg.max_steps)) if resume else 0
+    if continuing:
+        save_config(run_dir, cfg)
+    # resuming drops the records made after the checkpoint (a record of step k is logged when k
+    # steps are done, so the checkpoint's own step stays); from step 0 it drops them all
+    logger = RunLogger(run_dir, purge_step=(start + 1 if start else 0) if resume else None)
+    log.info("run folder %s; %s on %s; %d train / %d test frames; starting at step %d",
+             run_dir, type(model).__name__, device, len(train_set), len(test_set), start)
+
+    def save(step: int, **extra) -> None:
+        manager.save(make_checkpoint_state(step, model, optimizer, scheduler, config=cfg, **extra), step)
+
+    began = time.perf_counter()
+    if start == 0:
+        model.before_training(TrainContext(subject, train_set, device, run_dir, logger, bool(tcfg.progress)))
+    _run_steps(model, optimizer, scheduler, (train_set, test_set if len(test_set) else train_set), run_dir,
+               logger, tcfg, start, device, save)
     steps_done = int(tcfg.max_steps)
     if steps_done > start:
         save(steps_done)
+    mark_started(run_dir)  # also a run of trainer.max_steps=0: it is finished
     train_seconds = time.perf_counter() - began
 
-    ecfg = cfg.get("eval", {}) or {}
-    metrics = model.evaluate(test_set, run_dir, device=device, with_lpips=bool(ecfg.get("lpips", True)),
-                             save_video=bool(ecfg.get("video", True)),
-                             timing_repeats=int(ecfg.get("timing_repeats", 20)), lpips_weights=ecfg.get("lpips_weights"),
-                             show_progress=bool(tcfg.progress))
+    metrics = _final_metrics(model, test_set, run_dir, device, cfg)
     metrics.update({"config_name": str(cfg.get("experiment_name") or cfg.get("task_name", "train")),
                     "method": type(model).__name__, "steps": steps_done,
                     "train_seconds": round(train_seconds, 1), "subject": subject.name,
