@@ -131,7 +131,7 @@ class GraphAvatar(Method):
                      warmup=warmup, loss=loss, optim=optim)
         sections = defaults()
         self.settings = {name: section(name, value, sections) for name, value in given.items()}
-        s = self.settings
+        cfg = self.settings
         if expression_dim is not None and int(expression_dim) != subject.expression_dim:
             raise SubjectError(f"subject '{subject.name}' has expression size {subject.expression_dim} "
                                f"but the config sets model.expression_dim={expression_dim}")
@@ -145,38 +145,41 @@ class GraphAvatar(Method):
         self.width, self.height = subject.width, subject.height
         self.head_poses_given = subject.head_poses is not None
 
-        h = build_mesh_hierarchy(subject.template_vertices, subject.faces, s["hierarchy"]["factors"],
-                                 cache_dir=s["hierarchy"]["cache_dir"],
-                                 preserve_border=s["hierarchy"]["preserve_border"])
-        u = s["unet"]
-        unet_kw = dict(filters=tuple(u["filters"]), K=u["K"], latent=u["latent"], bottleneck=u["bottleneck"],
-                       skip=u["skip"])
-        self.geometry = GeometryHead(h, expression_dim=E, num_freqs=u["num_freqs"], **s["geometry"], **unet_kw)
-        self.appearance = AppearanceHead(h, expression_dim=E, num_freqs=u["num_freqs"], **s["appearance"], **unet_kw)
-        self.sh_degree = s["appearance"]["sh_degree"]
-        self.edge_length = h.mean_edge_length(0)
-        ng = s["neural_gaussians"]
+        hierarchy = build_mesh_hierarchy(subject.template_vertices, subject.faces, cfg["hierarchy"]["factors"],
+                                         cache_dir=cfg["hierarchy"]["cache_dir"],
+                                         preserve_border=cfg["hierarchy"]["preserve_border"])
+        unet = cfg["unet"]
+        unet_kw = dict(filters=tuple(unet["filters"]), K=unet["K"], latent=unet["latent"],
+                       bottleneck=unet["bottleneck"], skip=unet["skip"])
+        self.geometry = GeometryHead(hierarchy, expression_dim=E, num_freqs=unet["num_freqs"], **cfg["geometry"],
+                                     **unet_kw)
+        self.appearance = AppearanceHead(hierarchy, expression_dim=E, num_freqs=unet["num_freqs"],
+                                         **cfg["appearance"], **unet_kw)
+        self.sh_degree = cfg["appearance"]["sh_degree"]
+        self.edge_length = hierarchy.mean_edge_length(0)
+        neural = cfg["neural_gaussians"]
         self.neural = None
-        if ng["enabled"]:
-            self.neural = NeuralGaussians(V, E, **{k: v for k, v in ng.items() if k != "enabled"})
-        g = s["ggo"]
+        if neural["enabled"]:
+            self.neural = NeuralGaussians(V, E, **{k: v for k, v in neural.items() if k != "enabled"})
+        ggo = cfg["ggo"]
         self.ggo = None
-        if g["enabled"]:
-            self.ggo = GraphGuidedOptimization(2 * u["latent"], E, num_heads=g["num_heads"],
-                                               num_freqs=g["num_freqs"], dropout=g["dropout"])
-        en = s["enhancer"]
+        if ggo["enabled"]:
+            self.ggo = GraphGuidedOptimization(2 * unet["latent"], E, num_heads=ggo["num_heads"],
+                                               num_freqs=ggo["num_freqs"], dropout=ggo["dropout"])
+        enhancer = cfg["enhancer"]
         self.enhancer = None
-        if en["enabled"]:
+        if enhancer["enabled"]:
             offset, scale = depth_normalisation(subject)
-            self.enhancer = DepthEnhancer(tuple(en["channels"]), en["film_hidden"],
-                                          depth_offset=offset if en["depth_offset"] is None else en["depth_offset"],
-                                          depth_scale=scale if en["depth_scale"] is None else en["depth_scale"])
+            self.enhancer = DepthEnhancer(
+                tuple(enhancer["channels"]), enhancer["film_hidden"],
+                depth_offset=offset if enhancer["depth_offset"] is None else enhancer["depth_offset"],
+                depth_scale=scale if enhancer["depth_scale"] is None else enhancer["depth_scale"])
         # Data-derived constants: rebuilt with the model, never stored (non-persistent buffers).
-        self.register_buffer("background", torch.tensor(s["render"]["background"], dtype=torch.float32),
+        self.register_buffer("background", torch.tensor(cfg["render"]["background"], dtype=torch.float32),
                              persistent=False)
         self.register_buffer("template", torch.from_numpy(np.asarray(subject.template_vertices, np.float32)),
                              persistent=False)
-        self.loss_fn = GraphAvatarLoss(**s["loss"], translation_unit=depth_normalisation(subject)[0])
+        self.loss_fn = GraphAvatarLoss(**cfg["loss"], translation_unit=depth_normalisation(subject)[0])
 
     # ----------------------------------------------------------------------------- stages
     def frame_head_poses(self, batch: dict[str, Tensor]) -> Tensor:

@@ -54,7 +54,7 @@ from neuralcache.warp import Cache, ExplicitWarp, FrameParams, ImplicitWarp
 log = logging.getLogger(__name__)
 
 __all__ = ["NeuralCache", "VARIANTS", "Variant", "WARPS", "WarpKind", "ImplicitWarpKind", "ExplicitWarpKind",
-           "build_warp"]
+           "build_warp", "CachePipeline"]
 
 
 @dataclass(frozen=True)
@@ -325,36 +325,26 @@ class NeuralCache(Method):
         return (total / count).sqrt().float() if count else torch.ones(2)
 
     # ------------------------------------------------------------------ networks
+    def pipeline(self) -> "CachePipeline":
+        """This model's texture, G and W as a :class:`CachePipeline` (no copy)."""
+        return CachePipeline(self.variant, self.spec, self.warp_kind, self.texture, self.generator, self.warp)
+
     def sample_texture(self, inputs: FrameInputs) -> Tensor:
-        """Neural texture sampled by the UV map, SH view encoding applied: ``[B, D, H, W]``."""
-        return self.texture(inputs.params.uvs, inputs.params.masks, inputs.view_dirs)
+        """:meth:`CachePipeline.sample_texture` with this model's networks."""
+        return self.pipeline().sample_texture(inputs)
 
     def generate(self, inputs: FrameInputs, prev: FrameInputs | None = None,
                  return_features: bool = False) -> dict[str, Any]:
-        """G on a frame (DNR++: and on its predecessor ``prev``, the frame itself if None).
-        Returns G's dict plus ``"textures"`` (the current frame's texture sample)."""
-        textures = self.sample_texture(inputs)
-        if self.spec.uses_previous_frame:
-            prev_textures = textures if prev is None else self.sample_texture(prev)
-            out = self.generator(textures, prev_textures, return_features=return_features)
-        else:
-            out = self.generator(textures, return_features=return_features)
-        return {**out, "textures": textures}
+        """:meth:`CachePipeline.generate` with this model's networks."""
+        return self.pipeline().generate(inputs, prev, return_features)
 
     def make_cache(self, inputs: FrameInputs, prev: FrameInputs | None = None) -> tuple[dict[str, Any], Cache]:
-        """Run G on a frame and build its cache C_t (eq. 1). Returns ``(G outputs, cache)``."""
-        out = self.generate(inputs, prev, return_features=True)
-        if self.warp_kind is None:  # a baseline: nothing warps from it; G's C3 as the cache
-            return out, Cache({3: out["features"][3]}, inputs.params, None)
-        return out, self.warp_kind.make_cache(self.warp, out, inputs.params)
+        """:meth:`CachePipeline.make_cache` with this model's networks."""
+        return self.pipeline().make_cache(inputs, prev)
 
     def warp_frame(self, cache: Cache, inputs: FrameInputs) -> Tensor:
-        """W: the image ``[B, H, W, 3]`` of a new frame rendered from a cache."""
-        if self.warp is None:
-            raise RuntimeError(f"variant {self.variant!r} has no warp network")
-        if getattr(self.warp, "use_texture", False):  # Table 3's "ExWarp" input
-            return self.warp(cache, inputs.params, textures=self.sample_texture(inputs))["images"]
-        return self.warp(cache, inputs.params)["images"]
+        """:meth:`CachePipeline.warp_frame` with this model's networks."""
+        return self.pipeline().warp_frame(cache, inputs)
 
     # ------------------------------------------------------------------ Method interface
     def get_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -443,7 +433,8 @@ class NeuralCache(Method):
         nets = copy.deepcopy(nn.ModuleDict({"texture": self.texture, "generator": self.generator,
                                             **({"warp": self.warp} if self.warp is not None else {})}))
         nets = nets.to(dev).eval()
-        twin = _WorkerModel(self, nets)
+        twin = CachePipeline(self.variant, self.spec, self.warp_kind, nets["texture"], nets["generator"],
+                             nets["warp"] if "warp" in nets else None)
 
         def sync() -> None:
             if dev.type == "cuda":
@@ -474,16 +465,43 @@ class NeuralCache(Method):
         return evaluate_neural_cache(self, dataset, run_dir, **{**self.evaluation, **kwargs})
 
 
-class _WorkerModel:
-    """The model's forward functions bound to a worker's own copy of the networks."""
+class CachePipeline:
+    """What renders frames at deployment: the neural texture, G and W of one variant. The model
+    delegates to one over its own networks; each scheduler worker holds one over its own copy
+    (:meth:`NeuralCache.make_worker`)."""
 
-    def __init__(self, model: NeuralCache, nets: nn.ModuleDict) -> None:
-        self.spec, self.texture, self.generator = model.spec, nets["texture"], nets["generator"]
-        self.warp_kind = model.warp_kind
-        self.warp = nets["warp"] if "warp" in nets else None
+    def __init__(self, variant: str, spec: Variant, warp_kind: WarpKind | None, texture: nn.Module,
+                 generator: nn.Module, warp: nn.Module | None) -> None:
+        self.variant, self.spec, self.warp_kind = variant, spec, warp_kind
+        self.texture, self.generator, self.warp = texture, generator, warp
 
-    sample_texture = NeuralCache.sample_texture
-    generate = NeuralCache.generate
-    make_cache = NeuralCache.make_cache
-    warp_frame = NeuralCache.warp_frame
+    def sample_texture(self, inputs: FrameInputs) -> Tensor:
+        """Neural texture sampled by the UV map, SH view encoding applied: ``[B, D, H, W]``."""
+        return self.texture(inputs.params.uvs, inputs.params.masks, inputs.view_dirs)
 
+    def generate(self, inputs: FrameInputs, prev: FrameInputs | None = None,
+                 return_features: bool = False) -> dict[str, Any]:
+        """G on a frame (DNR++: and on its predecessor ``prev``, the frame itself if None).
+        Returns G's dict plus ``"textures"`` (the current frame's texture sample)."""
+        textures = self.sample_texture(inputs)
+        if self.spec.uses_previous_frame:
+            prev_textures = textures if prev is None else self.sample_texture(prev)
+            out = self.generator(textures, prev_textures, return_features=return_features)
+        else:
+            out = self.generator(textures, return_features=return_features)
+        return {**out, "textures": textures}
+
+    def make_cache(self, inputs: FrameInputs, prev: FrameInputs | None = None) -> tuple[dict[str, Any], Cache]:
+        """Run G on a frame and build its cache C_t (eq. 1). Returns ``(G outputs, cache)``."""
+        out = self.generate(inputs, prev, return_features=True)
+        if self.warp_kind is None:  # a baseline: nothing warps from it; G's C3 as the cache
+            return out, Cache({3: out["features"][3]}, inputs.params, None)
+        return out, self.warp_kind.make_cache(self.warp, out, inputs.params)
+
+    def warp_frame(self, cache: Cache, inputs: FrameInputs) -> Tensor:
+        """W: the image ``[B, H, W, 3]`` of a new frame rendered from a cache."""
+        if self.warp is None:
+            raise RuntimeError(f"variant {self.variant!r} has no warp network")
+        if getattr(self.warp, "use_texture", False):  # Table 3's "ExWarp" input
+            return self.warp(cache, inputs.params, textures=self.sample_texture(inputs))["images"]
+        return self.warp(cache, inputs.params)["images"]
