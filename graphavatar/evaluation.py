@@ -4,7 +4,9 @@ The synthetic subject keeps the true cameras and expressions next to the noisy "
 (``subject.extras["true_camtoworlds"]``, ``["true_expressions"]``), so the refinement can be
 scored: on the *training* frames (the ones GGO is trained on), the camera rotation error
 (degrees), camera-centre error (data units, metres for the synthetic head) and expression L2
-error, before (tracked) and after (tracked + GGO offsets) refinement.
+error, before (tracked) and after (tracked + GGO offsets) refinement, raw and with the part
+common to all training frames removed (``*_zero_mean_*``; a rigid offset shared by every frame
+is indistinguishable from moving the avatar, so GGO is scored by the zero-mean part).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import Tensor
 from headkit.data.dataset import FrameDataset
 from headkit.data.subject import Subject
 
-__all__ = ["rotation_errors_deg", "ggo_tracking_errors", "count_gaussians"]
+__all__ = ["rotation_errors_deg", "tracking_errors", "ggo_tracking_errors", "count_gaussians"]
 
 
 def rotation_errors_deg(
@@ -29,13 +31,63 @@ def rotation_errors_deg(
     return torch.rad2deg(torch.arccos(cos))
 
 
+def _project_so3(matrix: Tensor) -> Tensor:
+    """The rotation nearest (Frobenius) to a 3x3 matrix: the chordal L2 mean of rotations."""
+    u, _, vt = torch.linalg.svd(matrix)
+    d = torch.sign(torch.det(u @ vt))
+    return u @ torch.diag(torch.stack([torch.ones_like(d), torch.ones_like(d), d])) @ vt
+
+
+def tracking_errors(
+    camtoworlds: Tensor,  # [N, 4, 4] estimated
+    true_camtoworlds: Tensor,  # [N, 4, 4]
+    expressions: Tensor,  # [N, E] estimated
+    true_expressions: Tensor,  # [N, E]
+) -> dict[str, float]:
+    """Mean per-frame tracking errors, raw and with the part common to all frames removed.
+
+    Raw: ``rot_err_deg`` (geodesic angle between the rotations), ``centre_err`` (camera-centre
+    distance, data units) and ``expr_err`` (L2 norm of the expression error).
+
+    Zero-mean (``*_zero_mean``): a rigid transform ``G`` shared by every frame's camera
+    (``c2w_i = G @ true_c2w_i``) is indistinguishable from moving the avatar the other way, so
+    it is removed before scoring. The per-frame world-frame errors ``E_i = c2w_i true_c2w_i^-1``
+    (``perturb_pose(..., "left")`` of the synthetic subject) are averaged
+    (``R_bar``: the chordal mean of their rotations; ``t_bar``: the mean of their
+    translations), and the cameras ``E_bar^-1 c2w_i`` are scored as above. The expression
+    error's mean over the frames is subtracted likewise. All values are floats (mean over frames).
+    """
+    cams, true = camtoworlds.double(), true_camtoworlds.double()
+    if cams.shape != true.shape or cams.dim() != 3 or cams.shape[1:] != (4, 4) or len(cams) < 1:
+        raise ValueError(f"tracking_errors: need two [N, 4, 4] camera stacks, got {tuple(cams.shape)} "
+                         f"and {tuple(true.shape)}")
+    errs = cams @ torch.linalg.inv(true)  # E_i, [N, 4, 4]
+    mean = torch.eye(4, dtype=errs.dtype, device=errs.device)
+    mean[:3, :3] = _project_so3(errs[:, :3, :3].mean(0))
+    mean[:3, 3] = errs[:, :3, 3].mean(0)
+    aligned = torch.linalg.inv(mean) @ cams
+    expr, true_expr = expressions.double(), true_expressions.double()
+    d_expr = expr - true_expr
+    out = {}
+    for tag, c, de in (("", cams, d_expr), ("_zero_mean", aligned, d_expr - d_expr.mean(0))):
+        out[f"rot_err_deg{tag}"] = rotation_errors_deg(c[:, :3, :3], true[:, :3, :3]).mean().item()
+        out[f"centre_err{tag}"] = (c[:, :3, 3] - true[:, :3, 3]).norm(dim=-1).mean().item()
+        out[f"expr_err{tag}"] = de.norm(dim=-1).mean().item()
+    return out
+
+
 @torch.no_grad()
 def ggo_tracking_errors(model, subject: Subject, device: torch.device, batch_size: int = 16) -> dict:
     """Tracking errors against the truth on the training frames, before and after GGO.
 
     Returns ``ggo_rot_err_deg_{before,after}``, ``ggo_trans_err_{before,after}`` (camera centre
-    distance), ``ggo_expr_err_{before,after}`` (mean L2 norm of the expression error per frame);
-    or ``{"ggo_errors_unavailable_reason": ...}`` when the subject has no ground truth.
+    distance, data units), ``ggo_centre_err_mm_{before,after}`` (the same in mm, for subjects in
+    metres such as the synthetic one), ``ggo_expr_err_{before,after}`` (mean L2 norm of the
+    expression error per frame), and each of them with the part common to all training frames
+    removed, ``ggo_rot_err_deg_zero_mean_{before,after}`` etc. (see :func:`tracking_errors`; a
+    shared rigid offset cannot be told from moving the avatar, so the zero-mean errors are the
+    ones to score GGO by); or ``{"ggo_errors_unavailable_reason": ...}`` when the subject has
+    no ground truth.
     """
     if "true_camtoworlds" not in subject.extras or "true_expressions" not in subject.extras:
         return {"ggo_errors_unavailable_reason": "the subject has no true_camtoworlds/true_expressions "
@@ -45,20 +97,27 @@ def ggo_tracking_errors(model, subject: Subject, device: torch.device, batch_siz
     train = FrameDataset(subject, "train")
     true_c2w = torch.from_numpy(np.asarray(subject.extras["true_camtoworlds"], np.float32)).to(device)
     true_expr = torch.from_numpy(np.asarray(subject.extras["true_expressions"], np.float32)).to(device)
-    sums = dict.fromkeys(("rot_before", "rot_after", "trans_before", "trans_after", "expr_before", "expr_after"), 0.0)
+    parts = {key: [] for key in ("ids", "c2w_before", "c2w_after", "expr_before", "expr_after")}
     for start in range(0, len(train), batch_size):
         batch = train.batch(np.arange(start, min(start + batch_size, len(train))), device)
-        ids = batch["index"]
         c2w, expr, _, _ = model.refine(batch, model.encode(batch), apply=True)
-        for tag, cams, exps in (("before", batch["camtoworld"], batch["expression"]), ("after", c2w, expr)):
-            sums[f"rot_{tag}"] += rotation_errors_deg(cams[:, :3, :3], true_c2w[ids, :3, :3]).sum().item()
-            sums[f"trans_{tag}"] += (cams[:, :3, 3] - true_c2w[ids, :3, 3]).norm(dim=-1).sum().item()
-            sums[f"expr_{tag}"] += (exps - true_expr[ids]).norm(dim=-1).sum().item()
+        parts["ids"].append(batch["index"])
+        parts["c2w_before"].append(batch["camtoworld"])
+        parts["expr_before"].append(batch["expression"])
+        parts["c2w_after"].append(c2w)
+        parts["expr_after"].append(expr)
     model.train(was_training)
-    n = float(len(train))
-    return {"ggo_rot_err_deg_before": sums["rot_before"] / n, "ggo_rot_err_deg_after": sums["rot_after"] / n,
-            "ggo_trans_err_before": sums["trans_before"] / n, "ggo_trans_err_after": sums["trans_after"] / n,
-            "ggo_expr_err_before": sums["expr_before"] / n, "ggo_expr_err_after": sums["expr_after"] / n}
+    ids = torch.cat(parts["ids"])
+    out = {}
+    for tag in ("before", "after"):
+        errors = tracking_errors(torch.cat(parts[f"c2w_{tag}"]), true_c2w[ids],
+                                 torch.cat(parts[f"expr_{tag}"]), true_expr[ids])
+        for zm in ("", "_zero_mean"):
+            out[f"ggo_rot_err_deg{zm}_{tag}"] = errors[f"rot_err_deg{zm}"]
+            out[f"ggo_trans_err{zm}_{tag}"] = errors[f"centre_err{zm}"]
+            out[f"ggo_centre_err_mm{zm}_{tag}"] = 1000.0 * errors[f"centre_err{zm}"]
+            out[f"ggo_expr_err{zm}_{tag}"] = errors[f"expr_err{zm}"]
+    return out
 
 
 @torch.no_grad()

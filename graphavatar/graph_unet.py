@@ -123,6 +123,11 @@ class GraphUNet(nn.Module):
         zero_init_head: zero the output convolution so the outputs start at exactly 0 (the
             heads add their own constant offsets); gradients still reach the head at step 0
             and the rest of the network from step 1.
+        head_init: the output convolution's initialisation by name
+            (``model.unet.head_init``): ``"zero"`` (as ``zero_init_head=True``) or
+            ``"default"`` (PyTorch/PyG's default, as the authors' code: the anchors start at
+            random offsets, rotations, scales and colours around the heads' constants, which
+            the warm-up then has to pull in). ``None`` (default) follows ``zero_init_head``.
     """
 
     def __init__(
@@ -137,8 +142,13 @@ class GraphUNet(nn.Module):
         bottleneck: str = "global",
         skip: bool = True,
         zero_init_head: bool = True,
+        head_init: str | None = None,
     ) -> None:
         super().__init__()
+        if head_init is not None:
+            if head_init not in HEAD_INITS:
+                raise ValueError(f"GraphUNet: head_init must be one of {list(HEAD_INITS)}, got {head_init!r}")
+            zero_init_head = head_init == "zero"
         filters = tuple(int(f) for f in filters)
         num_steps = len(filters)
         if num_steps < 1 or any(f < 1 for f in filters):

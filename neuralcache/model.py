@@ -26,6 +26,7 @@ in :mod:`neuralcache.evaluate`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from abc import ABC, abstractmethod
@@ -436,24 +437,33 @@ class NeuralCache(Method):
         twin = CachePipeline(self.variant, self.spec, self.warp_kind, nets["texture"], nets["generator"],
                              nets["warp"] if "warp" in nets else None)
 
+        # Its own CUDA stream, so two workers on one GPU can overlap; a worker waits for its own
+        # stream only (the scheduler's timing then covers exactly this worker's work).
+        stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+
+        def on_stream():
+            return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
         def sync() -> None:
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            if stream is not None:
+                stream.synchronize()
 
         @torch.no_grad()
         def cache_fn(frame: dict[str, Any]) -> tuple[Tensor, Cache | None]:
-            inputs, prev = frame["inputs"].to(dev), frame["prev"].to(dev)
-            if self.warp is None:
-                images = twin.generate(inputs, prev)["images"]
-                sync()
-                return images, None
-            out, cache = twin.make_cache(inputs)
+            with on_stream():
+                inputs, prev = frame["inputs"].to(dev), frame["prev"].to(dev)
+                if self.warp is None:
+                    images = twin.generate(inputs, prev)["images"]
+                    sync()
+                    return images, None
+                out, cache = twin.make_cache(inputs)
             sync()
             return out["images"], cache
 
         @torch.no_grad()
         def warp_fn(cache: Cache, frame: dict[str, Any]) -> Tensor:
-            images = twin.warp_frame(cache, frame["inputs"].to(dev))
+            with on_stream():
+                images = twin.warp_frame(cache, frame["inputs"].to(dev))
             sync()
             return images
 

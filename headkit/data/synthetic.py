@@ -32,7 +32,7 @@ from ..mesh import vertex_normals
 from ..render.mesh_raster import MeshRaster, interpolate, rasterize_mesh
 from .subject import Subject, holdout_split
 from .synthetic_head import build_extras, build_skin, head_grid, mouth_sector, skin_blendshapes
-from .synthetic_motion import expression_trajectories, head_motion, smooth_noise
+from .synthetic_motion import correlation_sigma_frames, expression_trajectories, head_motion, smooth_noise
 from .synthetic_texture import MATERIALS, SHININESS, paint_textures
 
 # Lights fixed in the world: (direction towards the light, intensity). The key light comes from
@@ -275,21 +275,31 @@ def _torch_threads(num_threads: int | None):
 
 
 _NOISE_KEYS = ("pose_rot_deg", "pose_trans", "expression")
+#: the tracker-jitter smoothing of the default (``correlation_s: null``), in frames
+DEFAULT_NOISE_SIGMA_FRAMES = 1.5
 
 
-def _parse_noise(tracking_noise) -> dict[str, float]:
+def _parse_noise(tracking_noise) -> dict:
+    """``{pose_rot_deg, pose_trans, expression: float >= 0, correlation_s: None | float > 0}``."""
     if tracking_noise is None or (not hasattr(tracking_noise, "keys") and tracking_noise == 0):
-        return dict.fromkeys(_NOISE_KEYS, 0.0)
+        return {**dict.fromkeys(_NOISE_KEYS, 0.0), "correlation_s": None}
     if not hasattr(tracking_noise, "keys"):
-        raise ValueError(f"tracking_noise must be 0 or a mapping with keys {list(_NOISE_KEYS)}, "
+        raise ValueError(f"tracking_noise must be 0 or a mapping with keys {list(_NOISE_KEYS) + ['correlation_s']}, "
                          f"got {tracking_noise!r}")
-    unknown = sorted(set(tracking_noise.keys()) - set(_NOISE_KEYS))
+    unknown = sorted(set(tracking_noise.keys()) - set(_NOISE_KEYS) - {"correlation_s"})
     if unknown:
-        raise ValueError(f"tracking_noise: unknown key(s) {unknown}; allowed: {list(_NOISE_KEYS)}")
+        raise ValueError(f"tracking_noise: unknown key(s) {unknown}; allowed: {list(_NOISE_KEYS) + ['correlation_s']}")
     noise = {k: float(tracking_noise.get(k, 0.0) or 0.0) for k in _NOISE_KEYS}
     bad = [k for k, v in noise.items() if not (math.isfinite(v) and v >= 0)]
     if bad:
         raise ValueError(f"tracking_noise.{bad[0]} must be a finite number >= 0, got {noise[bad[0]]}")
+    corr = tracking_noise.get("correlation_s", None)
+    if corr is not None:
+        if isinstance(corr, bool) or not isinstance(corr, (int, float)) or not (math.isfinite(corr) and corr > 0):
+            raise ValueError(f"tracking_noise.correlation_s must be null (tracker jitter, ~1.5 frames) or a "
+                             f"number of seconds > 0, got {corr!r}")
+        corr = float(corr)
+    noise["correlation_s"] = corr
     return noise
 
 
@@ -337,8 +347,12 @@ def generate_synthetic_subject(
         head_rotation_deg: bounds of |yaw|, |pitch|, |roll|; head_translation: bounds in metres.
         tracking_noise: 0, or a mapping with ``pose_rot_deg`` (std of the camera rotation error
             per axis, degrees), ``pose_trans`` (std of the camera translation error, metres) and
-            ``expression`` (std of the additive expression error). The errors are Gaussian,
-            smoothed over ~1.5 frames (tracker jitter), and the camera error is applied on the left
+            ``expression`` (std of the additive expression error), and optionally
+            ``correlation_s``. The errors are Gaussian processes with these standard deviations:
+            with ``correlation_s`` null (default) white noise smoothed over ~1.5 frames (tracker
+            jitter); with ``correlation_s`` in seconds, slowly varying drift whose
+            autocorrelation is ``exp(-lag² / (2 correlation_s²))``
+            (:func:`~headkit.data.synthetic_motion.correlation_sigma_frames`). The camera error is applied on the left
             (``perturb_pose(c2w, xi, "left")``: rotation about the world origin, i.e. the head).
         hair, accessories, mouth_interior: include the untracked hair+fringe, earrings, teeth+tongue.
         specular: scale of the Blinn-Phong term (0: Lambertian only).
@@ -398,12 +412,14 @@ def generate_synthetic_subject(
 
         rng = np.random.default_rng([seed, 30])
         tracked_c2w, tracked_expr, tracked_vertices = camtoworlds, expressions, true_vertices
+        sigma = (DEFAULT_NOISE_SIGMA_FRAMES if noise["correlation_s"] is None
+                 else correlation_sigma_frames(noise["correlation_s"], fps))
         if noise["pose_rot_deg"] > 0 or noise["pose_trans"] > 0:
-            xi = np.concatenate([np.radians(noise["pose_rot_deg"]) * smooth_noise(rng, num_frames, 3),
-                                 noise["pose_trans"] * smooth_noise(rng, num_frames, 3)], -1)
+            xi = np.concatenate([np.radians(noise["pose_rot_deg"]) * smooth_noise(rng, num_frames, 3, sigma),
+                                 noise["pose_trans"] * smooth_noise(rng, num_frames, 3, sigma)], -1)
             tracked_c2w = perturb_pose(torch.from_numpy(camtoworlds), torch.from_numpy(xi), "left").numpy()
         if noise["expression"] > 0:
-            errors = smooth_noise(rng, num_frames, expressions.shape[1])
+            errors = smooth_noise(rng, num_frames, expressions.shape[1], sigma)
             tracked_expr = expressions + noise["expression"] * errors
             tracked_vertices = head.skin_vertices(t32(tracked_expr), t32(head_poses)).numpy()
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from .synthetic_head import smoothstep
 
-__all__ = ["head_motion", "expression_trajectories", "smooth_noise"]
+__all__ = ["head_motion", "expression_trajectories", "smooth_noise", "correlation_sigma_frames"]
 
 
 def _signal(rng: np.random.Generator, times: np.ndarray, f_lo: float, f_hi: float, n: int = 4) -> np.ndarray:
@@ -101,10 +101,33 @@ def expression_trajectories(times: np.ndarray, names: list[str], seed: int = 0) 
 
 def smooth_noise(rng: np.random.Generator, num_frames: int, dims: int,
                  sigma_frames: float = 1.5) -> np.ndarray:
-    """Per-frame noise ``[T, dims]`` with unit standard deviation, Gaussian-smoothed over frames."""
+    """Per-frame noise ``[T, dims]`` with unit standard deviation, Gaussian-smoothed over frames.
+
+    White noise convolved with a Gaussian kernel of standard deviation ``sigma_frames`` and
+    divided by the kernel's L2 norm: a stationary Gaussian process with unit variance whose
+    autocorrelation is ``exp(-lag² / (4 sigma_frames²))`` (a squared-exponential kernel with
+    length scale ``sqrt(2) sigma_frames``; see :func:`correlation_sigma_frames`). The unit
+    standard deviation is the process's; one realisation of a clip a few correlation times long
+    has a visibly non-zero mean (a shared offset) and a smaller spread about it.
+    """
     radius = int(math.ceil(3 * sigma_frames))
     kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_frames) ** 2)
     kernel /= kernel.sum()
     white = rng.normal(size=(num_frames + 2 * radius, dims))
     smooth = np.stack([np.convolve(white[:, d], kernel, mode="valid") for d in range(dims)], -1)
     return smooth / np.sqrt((kernel ** 2).sum())
+
+
+def correlation_sigma_frames(correlation_s: float, fps: float) -> float:
+    """Kernel width ``sigma_frames`` of :func:`smooth_noise` for a correlation time in seconds.
+
+    The correlation time ``ell`` is the length scale of the noise's squared-exponential
+    autocorrelation ``rho(lag) = exp(-lag² / (2 ell²))``: the autocorrelation falls to
+    ``exp(-1/2) ≈ 0.61`` at a lag of ``ell`` (and to ``exp(-2) ≈ 0.14`` at ``2 ell``). Smoothing
+    white noise with a Gaussian of width ``sigma`` gives ``ell = sqrt(2) sigma``, so
+    ``sigma_frames = correlation_s * fps / sqrt(2)``. The default tracker jitter
+    (``sigma_frames = 1.5``) is ``ell ≈ 2.1`` frames, 0.07 s at 30 fps.
+    """
+    if not (math.isfinite(correlation_s) and correlation_s > 0 and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"correlation_s and fps must be > 0, got {correlation_s!r}, {fps!r}")
+    return float(correlation_s) * float(fps) / math.sqrt(2.0)

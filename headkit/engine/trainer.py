@@ -309,6 +309,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if steps_done > start:
         save(steps_done)
     mark_started(run_dir)  # also a run of trainer.max_steps=0: it is finished
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # queued GPU work belongs to the training time
     train_seconds = time.perf_counter() - began
 
     metrics = _final_metrics(model, test_set, run_dir, device, cfg)
