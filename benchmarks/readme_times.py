@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETUP = 'pip install torch==2.13.0 && pip install -c constraints.txt -e ".[dev,video]"'
+SETUP = 'pip install torch==2.13.0 && pip install -c constraints.txt -e ".[dev,video,cluster]"'
 
 
 def timed(command: str, cwd: Path, env: dict[str, str], log: Path) -> float:

@@ -35,7 +35,11 @@ from headkit.mesh import vertex_normals
 from .sampling import MeshHierarchy
 
 __all__ = ["GraphUNet", "GeometryHead", "AppearanceHead", "sparse_apply", "scaled_laplacian",
-           "cheb_filter"]
+           "cheb_filter", "HEAD_INITS"]
+
+#: ``model.unet.head_init``: the U-Nets' output convolution starts at zero (the anchors exactly
+#: on the template, this project's default) or at PyTorch/PyG's default (the authors' code)
+HEAD_INITS = ("zero", "default")
 
 
 def sparse_apply(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headkit.losses import photometric_loss
+from headkit.losses import photometric_losses
 from headkit.metrics import MetricUnavailable, lpips
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,17 @@ class GraphAvatarLoss:
     ) -> dict[str, Tensor]:
         """Weighted terms ``{final_l1, final_dssim, [final_lpips], [coarse], alpha_bce, [hinges]}``."""
         losses = {}
-        losses["final_l1"], losses["final_dssim"] = photometric_loss(outputs["image"], targets, self.l1, self.dssim)
+        with_coarse = bool(self.coarse and has_enhancer)
+        # One call for both images: the target's SSIM statistics are computed once per step.
+        images = [outputs["image"], outputs["coarse_image"]] if with_coarse else [outputs["image"]]
+        photometric = photometric_losses(images, targets, self.l1, self.dssim)
+        losses["final_l1"], losses["final_dssim"] = photometric[0]
         if self.lpips and step >= self.lpips_from_step:
             value = self._lpips(outputs["image"].clamp(0, 1), targets)
             if value is not None:
                 losses["final_lpips"] = self.lpips * value
-        if self.coarse and has_enhancer:
-            l1, ds = photometric_loss(outputs["coarse_image"], targets, self.l1, self.dssim)
+        if with_coarse:
+            l1, ds = photometric[1]
             losses["coarse"] = self.coarse * (l1 + ds)
         if self.alpha_bce:
             # BCE in float32 with the alpha clamped away from {0, 1}: log(0) would be -inf.

@@ -13,7 +13,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from headkit.lpips_net import MetricUnavailable, get_lpips, lpips_available, prepare_lpips_weights
 
 __all__ = [
-    "l2", "psnr", "ssim", "dssim", "lpips", "lpips_available", "prepare_lpips_weights", "MetricUnavailable",
+    "l2", "psnr", "ssim", "ssim_shared_target", "dssim", "lpips", "lpips_available", "prepare_lpips_weights", "MetricUnavailable",
     "compute_image_metrics", "model_size_mb", "file_size_mb", "time_fn", "Stopwatch",
 ]
 
@@ -104,25 +104,43 @@ def ssim(preds: Tensor, targets: Tensor, *, sigma: float = 1.5, border: str = "v
             which is the ``ssim()`` of the gaussian-splatting code that 3DGS-style methods
             (GraphAvatar included) train with. Report numbers with ``"valid"``.
     """
+    return ssim_shared_target([preds], targets, sigma=sigma, border=border, k1=k1, k2=k2,
+                              data_range=data_range)[0]
+
+
+def ssim_shared_target(preds: Sequence[Tensor], targets: Tensor, *, sigma: float = 1.5,
+                       border: str = "valid", k1: float = 0.01, k2: float = 0.03,
+                       data_range: float = 1.0) -> list[Tensor]:  # each [B,H,W,C]
+    """:func:`ssim` of several predictions against the same ``targets``, one tensor per
+    prediction (bit-identical to calling :func:`ssim` for each), with the target's local mean
+    and variance blurred once instead of once per prediction (a training loss scoring the
+    final and the coarse image against one frame)."""
     if border not in ("valid", "same"):
         raise ValueError(f"ssim: border must be 'valid' or 'same', got {border!r}")
-    preds, targets, single = _as_batch(preds, targets, "ssim")
+    if not preds:
+        return []
+    checked = [_as_batch(p, targets, "ssim") for p in preds]
+    targets, single = checked[0][1], checked[0][2]
     radius = int(3.5 * sigma + 0.5)
-    if min(preds.shape[1:3]) < 2 * radius + 1:
-        raise ValueError(f"ssim: images of {tuple(preds.shape[1:3])} pixels are smaller than "
+    if min(targets.shape[1:3]) < 2 * radius + 1:
+        raise ValueError(f"ssim: images of {tuple(targets.shape[1:3])} pixels are smaller than "
                          f"the {2 * radius + 1}-pixel window")
-    x = preds.permute(0, 3, 1, 2)
     y = targets.permute(0, 3, 1, 2)
-    taps = _gaussian_window(sigma, radius, x.dtype, x.device)
+    taps = _gaussian_window(sigma, radius, y.dtype, y.device)
     pad = radius if border == "same" else 0
-    mu_x, mu_y = _blur(x, taps, pad), _blur(y, taps, pad)
-    var_x = _blur(x * x, taps, pad) - mu_x.square()
+    mu_y = _blur(y, taps, pad)
     var_y = _blur(y * y, taps, pad) - mu_y.square()
-    cov_xy = _blur(x * y, taps, pad) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    maps = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
-        (mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
-    return _unbatch(maps.mean(dim=(1, 2, 3)), single)
+    results = []
+    for p, _, _ in checked:
+        x = p.permute(0, 3, 1, 2)
+        mu_x = _blur(x, taps, pad)
+        var_x = _blur(x * x, taps, pad) - mu_x.square()
+        cov_xy = _blur(x * y, taps, pad) - mu_x * mu_y
+        maps = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
+            (mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
+        results.append(_unbatch(maps.mean(dim=(1, 2, 3)), single))
+    return results
 
 
 def dssim(preds: Tensor, targets: Tensor, **ssim_kwargs) -> Tensor:  # [B, H, W, C]
