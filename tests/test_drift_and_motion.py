@@ -93,7 +93,7 @@ def test_zero_mean_errors_remove_the_shared_offset_on_a_hand_made_case():
     assert e["expr_err_zero_mean"] == pytest.approx(0.1, rel=1e-9)
     # raw: includes the offset, and equals the direct per-frame errors
     raw_rot = rotation_errors_deg(est[:, :3, :3], true[:, :3, :3]).mean().item()
-    assert e["rot_err_deg"] == pytest.approx(raw_rot, rel=1e-9) and e["rot_err_deg"] > 2 * math.degrees(theta)
+    assert e["rot_err_deg"] == pytest.approx(raw_rot, rel=1e-9) and e["rot_err_deg"] > math.degrees(theta) + 0.5
     assert e["centre_err"] == pytest.approx((est[:, :3, 3] - true[:, :3, 3]).norm(dim=-1).mean().item(), rel=1e-9)
     assert e["centre_err"] > 2 * e["centre_err_zero_mean"]
     assert e["expr_err"] == pytest.approx((expr_est - expr_true).norm(dim=-1).mean().item(), rel=1e-9)
@@ -173,7 +173,7 @@ def test_head_init_default_differs_from_zero_and_trains_a_step(hierarchy):
     torch.manual_seed(0)
     default = GeometryHead(hierarchy, expression_dim=3, filters=(8, 8), K=2, head_init="default")
     assert not any(p.any() for p in zero.unet.head.parameters())
-    assert all(p.abs().sum() > 0 for p in default.unet.head.parameters())
+    assert all(lin.weight.abs().sum() > 0 for lin in default.unet.head.lins)  # PyG: weights random, bias 0
     assert not zero(verts, expr)["offsets"].any()
     out = default(verts, expr)
     assert out["offsets"].abs().max() > 0 and torch.isfinite(out["offsets"]).all()
