@@ -150,7 +150,7 @@ class GraphAvatar(Method):
                                          preserve_border=cfg["hierarchy"]["preserve_border"])
         unet = cfg["unet"]
         unet_kw = dict(filters=tuple(unet["filters"]), K=unet["K"], latent=unet["latent"],
-                       bottleneck=unet["bottleneck"], skip=unet["skip"])
+                       bottleneck=unet["bottleneck"], skip=unet["skip"], head_init=unet["head_init"])
         self.geometry = GeometryHead(hierarchy, expression_dim=E, num_freqs=unet["num_freqs"], **cfg["geometry"],
                                      **unet_kw)
         self.appearance = AppearanceHead(hierarchy, expression_dim=E, num_freqs=unet["num_freqs"],
@@ -318,13 +318,19 @@ class GraphAvatar(Method):
         return groups
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:
-        """Adam with one group per module (``optim.lr``) and one LR schedule for all of them, over
+        """Adam (fused; multi-tensor where the device has no fused kernel) with one group per module
+        (``optim.lr``) and one LR schedule for all of them, over
         ``optim.max_steps`` steps (the run's ``trainer.max_steps`` unless set apart); a resumed
         run with another length follows the new one (:class:`~graphavatar.schedules.ScheduledLR`)."""
         o = self.settings["optim"]
         groups = [{"params": params, "lr": float(o["lr"][name]), "name": name}
                   for name, params in self.parameter_groups().items()]
-        optimizer = torch.optim.Adam(groups)
+        # Fused Adam (one kernel per step instead of a dozen ops per parameter; issue #15: ~4x faster
+        # optimiser step on CPU, equal to the per-parameter Adam to float rounding) on CPU and CUDA;
+        # elsewhere multi-tensor Adam, bit-identical to the per-parameter one.
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                    for group in groups for p in group["params"])
+        optimizer = torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups, foreach=True)
         schedule = LRSchedule(o["schedule"], o["final_ratio"], o["max_steps"])
         return optimizer, ScheduledLR(optimizer, schedule)
 
