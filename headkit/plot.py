@@ -43,6 +43,36 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+def _axes(size: tuple[int, int], title: str, box: tuple[float, float, float, float], xt: list[float],
+          yt: list[float], px, py, x_grid: bool = False) -> list[str]:
+    """SVG opening, white background, title, y grid with tick labels, x ticks (and grid) with
+    labels, and the frame; ``box`` is ``(left, top, plot width, plot height)``."""
+    (width, height), (left, top, pw, ph) = size, box
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>']
+    if title:
+        out.append(f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>')
+    for y in yt:
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{_fmt(y)}</text>')
+    for x in xt:
+        if x_grid:
+            out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{top + ph}" stroke="#eee"/>')
+        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top + ph}" y2="{top + ph + 5}" stroke="black"/>')
+        out.append(f'<text x="{px(x):.1f}" y="{top + ph + 18}" text-anchor="middle">{_fmt(x)}</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>')
+    return out
+
+
+def _write_svg(path: str | os.PathLike, out: list[str]) -> Path:
+    """Close the SVG and write it (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out + ["</svg>"]) + "\n")
+    return path
+
+
 def line_plot_svg(path: str | os.PathLike, xs: Sequence[float], series: dict[str, Sequence[float]], *,
                   title: str = "", xlabel: str = "", ylabel: str = "", width: int = 520,
                   height: int = 340, label_points: bool = True) -> Path:
@@ -67,18 +97,7 @@ def line_plot_svg(path: str | os.PathLike, xs: Sequence[float], series: dict[str
     def py(y: float) -> float:
         return top + ph - (y - yt[0]) / (yt[-1] - yt[0]) * ph
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>']
-    if title:
-        out.append(f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>')
-    for y in yt:
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{_fmt(y)}</text>')
-    for x in xt:
-        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top + ph}" y2="{top + ph + 5}" stroke="black"/>')
-        out.append(f'<text x="{px(x):.1f}" y="{top + ph + 18}" text-anchor="middle">{_fmt(x)}</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>')
+    out = _axes((width, height), title, (left, top, pw, ph), xt, yt, px, py)
     out.append(f'<text x="{left + pw / 2}" y="{height - 10}" text-anchor="middle">{escape(xlabel)}</text>')
     out.append(f'<text transform="translate(16 {top + ph / 2}) rotate(-90)" text-anchor="middle">{escape(ylabel)}</text>')
     for i, (name, ys) in enumerate(series.items()):
@@ -93,11 +112,7 @@ def line_plot_svg(path: str | os.PathLike, xs: Sequence[float], series: dict[str
         lx = left + pw - 10 - 7 * max(len(n) for n in series) - 18  # legend in the top-right corner
         out.append(f'<rect x="{lx}" y="{top + 10 + 18 * i}" width="12" height="3" fill="{colour}"/>'
                    f'<text x="{lx + 18}" y="{top + 15 + 18 * i}">{escape(name)}</text>')
-    out.append("</svg>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(out) + "\n")
-    return path
+    return _write_svg(path, out)
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
@@ -115,6 +130,20 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     above = [t for t in ticks if t >= hi * (1 - 1e-12)]
     start, end = ticks.index(below[-1]), ticks.index(above[0])
     return [float(f"{t:.12g}") for t in ticks[start:end + 1]]
+
+
+def _extent(pts: Sequence[dict], err) -> tuple[list[float], list[float]]:
+    """Every x and y a scatter plot must show: points with their error bars, and their members."""
+    xs, ys = [], []
+    for p in pts:
+        x, y, dx, dy = float(p["x"]), float(p["y"]), err(p, "xerr"), err(p, "yerr")
+        xs += [x - dx, x + dx]
+        ys += [y - dy, y + dy]
+        for mx, my in p.get("members") or ():
+            if mx is not None and my is not None and math.isfinite(mx) and math.isfinite(my):
+                xs.append(float(mx))
+                ys.append(float(my))
+    return xs, ys
 
 
 def scatter_plot_svg(path: str | os.PathLike, points: Sequence[dict], *, title: str = "",
@@ -137,15 +166,7 @@ def scatter_plot_svg(path: str | os.PathLike, points: Sequence[dict], *, title: 
         v = p.get(k)
         return float(v) if v is not None and math.isfinite(float(v)) else 0.0
 
-    xs, ys = [], []
-    for p in pts:
-        x, y, dx, dy = float(p["x"]), float(p["y"]), err(p, "xerr"), err(p, "yerr")
-        xs += [x - dx, x + dx]
-        ys += [y - dy, y + dy]
-        for mx, my in p.get("members") or ():
-            if mx is not None and my is not None and math.isfinite(mx) and math.isfinite(my):
-                xs.append(float(mx))
-                ys.append(float(my))
+    xs, ys = _extent(pts, err)
     pad = 0.04 * (max(ys) - min(ys))  # markers clear of the frame
     ys = [min(ys) - pad, max(ys) + pad]
     if xlog:
@@ -167,19 +188,7 @@ def scatter_plot_svg(path: str | os.PathLike, points: Sequence[dict], *, title: 
     def py(y: float) -> float:
         return top + ph - (y - yt[0]) / (yt[-1] - yt[0]) * ph
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>']
-    if title:
-        out.append(f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>')
-    for y in yt:
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{_fmt(y)}</text>')
-    for x in xt:
-        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top}" y2="{top + ph}" stroke="#eee"/>')
-        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{top + ph}" y2="{top + ph + 5}" stroke="black"/>')
-        out.append(f'<text x="{px(x):.1f}" y="{top + ph + 18}" text-anchor="middle">{_fmt(x)}</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="black"/>')
+    out = _axes((width, height), title, (left, top, pw, ph), xt, yt, px, py, x_grid=True)
     out.append(f'<text x="{left + pw / 2}" y="{top + ph + 38}" text-anchor="middle">'
                f'{escape(xlabel + (" (log scale)" if xlog else ""))}</text>')
     if note:
@@ -207,8 +216,4 @@ def scatter_plot_svg(path: str | os.PathLike, points: Sequence[dict], *, title: 
         label = escape(str(p.get("label", "")))
         for paint in ('fill="white" stroke="white" stroke-width="3"', f'fill="{colour}"'):  # a halo, then the text
             out.append(f'<text x="{tx:.1f}" y="{cy - 7:.1f}" text-anchor="{anchor}" {paint}>{label}</text>')
-    out.append("</svg>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(out) + "\n")
-    return path
+    return _write_svg(path, out)
