@@ -284,15 +284,21 @@ def _parse_transforms(path: Path) -> list[dict]:
 
 def load_template_obj(path: Path) -> dict[str, np.ndarray | None]:
     """Template OBJ as numpy: vertices ``[V, 3]``, faces ``[F, 3]``, optional ``uvs``/``uv_faces``."""
+    mesh = read_obj(path, "template mesh file", "template mesh")
+    return {k: None if v is None else v.numpy() for k, v in mesh.items()}
+
+
+def read_obj(path: Path, missing: str, label: str) -> dict:
+    """:func:`headkit.mesh.load_obj` with errors as :class:`SubjectError`: ``"{path}: {missing} is
+    missing"``, or ``"{label}: <what is wrong in the file>"``."""
     from headkit.mesh import ObjError, load_obj
 
     try:
-        mesh = load_obj(path)
+        return load_obj(path)
     except FileNotFoundError:
-        raise SubjectError(f"{path}: template mesh file is missing") from None
+        raise SubjectError(f"{path}: {missing} is missing") from None
     except ObjError as exc:
-        raise SubjectError(f"template mesh: {exc}") from exc
-    return {k: None if v is None else v.numpy() for k, v in mesh.items()}
+        raise SubjectError(f"{label}: {exc}") from exc
 
 
 def read_mesh_vertices_obj(path: Path, num_vertices: int, frame: int, template_path: Path) -> np.ndarray:
@@ -384,15 +390,8 @@ def transfer_uv_layout(path: str | os.PathLike, faces: np.ndarray, num_vertices:
     """
     from itertools import product
 
-    from headkit.mesh import ObjError, load_obj
-
     path = Path(path).expanduser()
-    try:
-        layout = load_obj(path)
-    except FileNotFoundError:
-        raise SubjectError(f"{path}: UV layout file (data.uv_template) is missing") from None
-    except ObjError as exc:
-        raise SubjectError(f"data.uv_template: {exc}") from exc
+    layout = read_obj(path, "UV layout file (data.uv_template)", "data.uv_template")
     if layout["uvs"] is None:
         raise SubjectError(f"{path}: data.uv_template has no texture coordinates ('vt' lines on every "
                            f"face); give an OBJ with a UV layout")
