@@ -153,6 +153,22 @@ def test_video_without_a_face(tmp_path):
     error_line(proc, "empty_room.mp4", "no face")
 
 
+def test_video_preprocessing_without_the_extra_names_the_install_command(tmp_path):
+    """The real script in a process where ``import mediapipe`` fails (as without the extra)."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    video = tmp_path / "clip.mp4"
+    iio.imwrite(video, np.full((4, 32, 32, 3), 90, np.uint8), plugin="FFMPEG", fps=4)
+    script = ROOT / "scripts" / "prepare_data.py"
+    code = ("import runpy, sys; sys.modules['mediapipe'] = None; "
+            f"sys.argv = [{str(script)!r}] + sys.argv[1:]; runpy.run_path({str(script)!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, "source=video", f"video={video}", f"out={tmp_path / 'subject'}",
+                           f"paths.data_dir={tmp_path / 'data'}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    error_line(proc, 'pip install -c constraints.txt -e ".[video]"')
+
+
 # ----------------------------------------------------------------------------- headkit.cli in process
 
 def test_user_error_becomes_one_line(capsys, monkeypatch):
