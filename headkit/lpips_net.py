@@ -211,8 +211,8 @@ def _resolve(alexnet_path, lin_path, download: bool) -> tuple[Path, Path]:
         what = "AlexNet backbone weights for LPIPS"
         if download and at_default:
             return download_weights(alexnet_url(), backbone, ALEXNET_HASH_PREFIX, what), lin
-        hint = (" (not downloaded here; scripts/eval.py with eval.lpips_download=true, the default, "
-                "or download=True fetches it into the torch hub cache)" if at_default else "")
+        hint = (" (train.py's and eval.py's evaluation fetch it into the torch hub cache once when "
+                "eval.lpips_download=true, the default, and the network allows)" if at_default else "")
         raise MetricUnavailable(f"{what} not found at {backbone}{hint}; download {alexnet_url()} "
                                 f"({ALEXNET_SIZE_MB} MB) to that path or set ${ALEXNET_ENV}")
     return backbone, lin
