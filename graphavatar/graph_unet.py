@@ -124,14 +124,12 @@ class GraphUNet(nn.Module):
             way on every coarse vertex up to its 8-number code.
         skip: concatenate the encoder features of each level into the decoder (U-Net). The
             authors' code has none (a plain COMA autoencoder); the paper calls it a U-Net.
-        zero_init_head: zero the output convolution so the outputs start at exactly 0 (the
-            heads add their own constant offsets); gradients still reach the head at step 0
-            and the rest of the network from step 1.
-        head_init: the output convolution's initialisation by name
-            (``model.unet.head_init``): ``"zero"`` (as ``zero_init_head=True``) or
-            ``"default"`` (PyTorch/PyG's default, as the authors' code: the anchors start at
-            random offsets, rotations, scales and colours around the heads' constants, which
-            the warm-up then has to pull in). ``None`` (default) follows ``zero_init_head``.
+        head_init: the output convolution's initialisation (``model.unet.head_init``):
+            ``"zero"`` (default) zeroes it so the outputs start at exactly 0 (the heads add their
+            own constant offsets; gradients still reach the head at step 0 and the rest of the
+            network from step 1); ``"default"`` keeps PyTorch/PyG's default, as the authors'
+            code: the anchors start at random offsets, rotations, scales and colours around the
+            heads' constants, which the warm-up then has to pull in.
     """
 
     def __init__(
@@ -145,14 +143,11 @@ class GraphUNet(nn.Module):
         cond_channels: int = 0,
         bottleneck: str = "global",
         skip: bool = True,
-        zero_init_head: bool = True,
-        head_init: str | None = None,
+        head_init: str = "zero",
     ) -> None:
         super().__init__()
-        if head_init is not None:
-            if head_init not in HEAD_INITS:
-                raise ValueError(f"GraphUNet: head_init must be one of {list(HEAD_INITS)}, got {head_init!r}")
-            zero_init_head = head_init == "zero"
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"GraphUNet: head_init must be one of {list(HEAD_INITS)}, got {head_init!r}")
         filters = tuple(int(f) for f in filters)
         num_steps = len(filters)
         if num_steps < 1 or any(f < 1 for f in filters):
@@ -169,7 +164,7 @@ class GraphUNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.filters, self.K, self.latent = filters, K, latent
         self.cond_channels, self.bottleneck, self.skip = cond_channels, bottleneck, skip
-        self.zero_init_head = zero_init_head
+        self.head_init = head_init
         self.num_steps = num_steps
         self.num_coarse = hierarchy.num_vertices[num_steps]
 
@@ -199,13 +194,13 @@ class GraphUNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """PyG/torch default initialisation; the output convolution zeroed if ``zero_init_head``."""
+        """PyG/torch default initialisation; the output convolution zeroed when ``head_init="zero"``."""
         for conv in list(self.enc) + list(self.dec):
             conv.reset_parameters()
         self.enc_lin.reset_parameters()
         self.dec_lin.reset_parameters()
         self.head.reset_parameters()
-        if self.zero_init_head:
+        if self.head_init == "zero":
             for lin in self.head.lins:
                 nn.init.zeros_(lin.weight)
             nn.init.zeros_(self.head.bias)

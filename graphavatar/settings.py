@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from headkit.errors import InvalidConfigValue
 
+from .graph_unet import HEAD_INITS
 from .schedules import LR_SCHEDULES
 
 from .warmup import ANCHOR_LOSSES
@@ -98,7 +99,7 @@ def _check(name: str, s: dict, p: str) -> None:
         need("latent", isinstance(s["latent"], int) and s["latent"] >= 1, "must be an integer >= 1")
         need("bottleneck", s["bottleneck"] in ("global", "per_vertex"), "must be 'global' or 'per_vertex'")
         need("num_freqs", isinstance(s["num_freqs"], int) and s["num_freqs"] >= 0, "must be an integer >= 0")
-        need("head_init", s["head_init"] in ("zero", "default"), "must be 'zero' or 'default'")
+        need("head_init", s["head_init"] in HEAD_INITS, "must be 'zero' or 'default'")
     elif name == "appearance":
         need("sh_degree", s["sh_degree"] in (0, 1, 2, 3), "must be 0, 1, 2 or 3")
         need("opacity_init", _number(s["opacity_init"]) and 0 < s["opacity_init"] < 1, "must be in (0, 1)")

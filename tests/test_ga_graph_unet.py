@@ -71,7 +71,7 @@ def test_sparse_apply_matches_dense(hierarchy):
 def test_unet_shapes_batching_and_permutation(hierarchy, bottleneck, skip):
     torch.manual_seed(0)
     net = GraphUNet(hierarchy, in_channels=6, out_channels=5, filters=(8, 12), K=3, latent=4,
-                    cond_channels=3, bottleneck=bottleneck, skip=skip, zero_init_head=False)
+                    cond_channels=3, bottleneck=bottleneck, skip=skip, head_init="default")
     V = hierarchy.num_vertices[0]
     x, cond = torch.randn(3, V, 6), torch.randn(3, 3)
     out = net(x, cond)
