@@ -226,13 +226,7 @@ def pyramid_enhancer_forward(self, images, depths):
     and it measured no faster (``--micro``), so ``graphavatar/enhancer.py`` keeps pooling per block."""
     import torch.nn.functional as F
     h, w = images.shape[1:3]
-    x = images.permute(0, 3, 1, 2)
-    d = ((depths - self.depth_offset) / self.depth_scale).permute(0, 3, 1, 2)
-    mult = 2 ** self.num_down
-    pad_h, pad_w = (-h) % mult, (-w) % mult
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        d = F.pad(d, (0, pad_w, 0, pad_h), mode="replicate")
+    x, d = self.padded_inputs(images, depths)
     pyramid = {tuple(d.shape[-2:]): d}
 
     def depth_at(size):
@@ -240,18 +234,7 @@ def pyramid_enhancer_forward(self, images, depths):
         if key not in pyramid:
             pyramid[key] = F.adaptive_avg_pool2d(d, key)
         return pyramid[key]
-    skips = []
-    for l, block in enumerate(self.enc):
-        if l > 0:
-            x = F.avg_pool2d(x, 2)
-        x = block(x, depth_at(x.shape[-2:]))
-        skips.append(x)
-    for i, block in enumerate(self.dec):
-        skip = skips[self.num_down - 1 - i]
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        x = block(torch.cat([x, skip], dim=1), depth_at(skip.shape[-2:]))
-    correction = self.out(x)[:, :, :h, :w].permute(0, 2, 3, 1)
-    return images + correction
+    return images + self.correction(x, depth_at)[:, :, :h, :w].permute(0, 2, 3, 1)
 
 
 def old_configure_optimizers(model):

@@ -144,6 +144,18 @@ class DepthEnhancer(nn.Module):
             raise ValueError(f"DepthEnhancer: expected depths {list(images.shape[:-1]) + [1]} to match "
                              f"the images, got {list(depths.shape)}")
         h, w = images.shape[1:3]
+        x, d = self.padded_inputs(images, depths)
+        correction = self.correction(x, lambda size: d)  # each FiLM pools the depth to its size
+        return images + correction[:, :, :h, :w].permute(0, 2, 3, 1)
+
+    def padded_inputs(
+        self,
+        images: Tensor,  # [B, H, W, 3]
+        depths: Tensor,  # [B, H, W, 1]
+    ) -> tuple[Tensor, Tensor]:  # [B, 3, H', W'], [B, 1, H', W']
+        """Channels-first images and normalised depths, padded (replicate) to a multiple of
+        ``2^L`` so every down-sampling step halves an even size."""
+        h, w = images.shape[1:3]
         x = images.permute(0, 3, 1, 2)
         d = ((depths - self.depth_offset) / self.depth_scale).permute(0, 3, 1, 2)
         mult = 2 ** self.num_down
@@ -151,16 +163,23 @@ class DepthEnhancer(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
             d = F.pad(d, (0, pad_w, 0, pad_h), mode="replicate")
+        return x, d
 
+    def correction(
+        self,
+        x: Tensor,  # [B, 3, H', W'] from padded_inputs
+        depth_at,  # (h, w) -> depth map [B, 1, *, *] for the blocks at that size
+    ) -> Tensor:  # [B, 3, H', W']
+        """The U-Net's correction of padded images; ``depth_at(size)`` gives the depth map the
+        blocks of that resolution are modulated by."""
         skips = []
         for l, block in enumerate(self.enc):
             if l > 0:
                 x = F.avg_pool2d(x, 2)
-            x = block(x, d)
+            x = block(x, depth_at(x.shape[-2:]))
             skips.append(x)
         for i, block in enumerate(self.dec):
             skip = skips[self.num_down - 1 - i]
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = block(torch.cat([x, skip], dim=1), d)
-        correction = self.out(x)[:, :, :h, :w].permute(0, 2, 3, 1)
-        return images + correction
+            x = block(torch.cat([x, skip], dim=1), depth_at(skip.shape[-2:]))
+        return self.out(x)
