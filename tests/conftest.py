@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,21 @@ import torch  # noqa: E402  (after the OpenMP setting)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from headkit.data.subject import Subject, holdout_split  # noqa: E402
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_repo_module(relative: str):
+    """A script or benchmark of the repository (``"scripts/table.py"``) imported as a module, so
+    tests can call its functions; its ``if __name__ == "__main__"`` block does not run."""
+    import importlib.util
+
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(f"_repo_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

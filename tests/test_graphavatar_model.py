@@ -25,6 +25,7 @@ from headkit.data.subject import Subject, SubjectError
 from headkit.data.synthetic import generate_synthetic_subject
 from headkit.mesh import icosphere
 from headkit.metrics import model_size_mb, ssim
+from tests.conftest import load_repo_module
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_GENERATOR = dict(num_frames=8, width=32, height=32, num_test=2, num_vertices_target=300, expression_dim=4,
@@ -438,10 +439,7 @@ def test_insta_experiment_model_fits_the_papers_size(tmp_path):
 
 
 def test_ablation_table_reads_a_multirun_folder(tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ablation_table", CONFIGS.parent / "scripts" / "ablation_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_repo_module("scripts/ablation_table.py")
     for i, (name, psnr) in enumerate([("full", 27.5), ("no_ggo", 27.1), ("no_enhancer", 26.0)]):
         run = tmp_path / str(i)
         run.mkdir()

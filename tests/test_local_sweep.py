@@ -7,7 +7,6 @@ synthetic subjects (generator seeds 0 and 1) side by side, and scripts/table.py 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_graphavatar_model import TINY_GENERATOR
+from tests.conftest import load_repo_module
 
 pytest.importorskip("submitit")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -44,9 +44,7 @@ def test_two_job_sweep_runs_through_the_local_launcher(tmp_path):
     assert "seed: 0" in configs[0].split("generator:")[1] and "seed: 1" in configs[1].split("generator:")[1]
     logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2  # one process (and log) per job
-    spec = importlib.util.spec_from_file_location("table_script", ROOT / "scripts" / "table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_repo_module("scripts/table.py")
     result = table.make_table({"runs": str(sweep), "group": "experiment_name", "subject": "data.generator.seed",
                                "seed": "seed", "metrics": ["psnr", "model_size_mb"], "plot_x": ["model_size_mb"],
                                "out": str(tmp_path / "table")})

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from headkit.cameras import intrinsics_from_fov
+from tests.conftest import load_repo_module
 
-_spec = importlib.util.spec_from_file_location(
-    "nc_warp_diagnosis", Path(__file__).resolve().parents[1] / "benchmarks" / "nc_warp_diagnosis.py")
-diagnosis = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(diagnosis)
+diagnosis = load_repo_module("benchmarks/nc_warp_diagnosis.py")
 
 
 def _frame(shift_x: float, K: torch.Tensor) -> dict:

@@ -23,7 +23,7 @@ from neuralcache.inputs import FrameEncoder, delayed_gaussian_filter, render_uv_
 from neuralcache.model import VARIANTS, WARPS, ExplicitWarpKind, ImplicitWarpKind, NeuralCache, build_warp
 from neuralcache.scheduler import ParallelRenderer, SequentialRenderer, plan_frame
 from neuralcache.warp import ExplicitWarp, ImplicitWarp
-from tests.conftest import make_tiny_subject
+from tests.conftest import load_repo_module, make_tiny_subject
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 SMALL = dict(texture={"resolution": 32, "num_levels": 2}, generator={"channels": [12, 16, 16]},
@@ -387,11 +387,7 @@ def test_composed_experiment_trains_end_to_end(tmp_path):
                            f"out={tmp_path / 'r'}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "novel_views: 3 frames" in proc.stdout and (tmp_path / "r" / "novel_views.mp4").is_file()
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "nc_warp_diagnosis", Path(__file__).resolve().parents[1] / "benchmarks" / "nc_warp_diagnosis.py")
-    diagnosis = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diagnosis)
+    diagnosis = load_repo_module("benchmarks/nc_warp_diagnosis.py")
     rows = diagnosis.diagnose(tmp_path / "run", num_frames=3)
     assert set(rows) == {"test", "train"}
     # references: G's PSNR on the first three test frames by hand, and the data-only "target prev"
@@ -415,12 +411,7 @@ def test_composed_experiment_trains_end_to_end(tmp_path):
 
 
 def _script(name: str):
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_module(f"scripts/{name}.py")
 
 
 def test_retargeting_and_novel_views_render_videos(subject, tmp_path):

@@ -7,7 +7,6 @@ them); one case runs the real script with Hydra key=value arguments in a subproc
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import statistics
@@ -20,18 +19,12 @@ import pytest
 
 from headkit.engine.runs import find_runs, run_value
 from headkit.plot import log_ticks, scatter_plot_svg
+from tests.conftest import load_repo_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("table_script", ROOT / "scripts" / "table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-table = _load_script()
+table = load_repo_module("scripts/table.py")
 
 # (ablation, subject, seed) -> PSNR; size and time differ per ablation
 PSNR = {("full", "anna", 0): 30.0, ("full", "anna", 1): 30.4, ("full", "ben", 0): 28.0, ("full", "ben", 1): 28.2,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import re
@@ -24,7 +23,7 @@ from headkit.engine.checkpoint import CheckpointManager
 from headkit.engine.method import Method
 from headkit.engine.runs import evaluate_run, find_latest_run, latest_metrics
 from headkit.engine.trainer import train
-from tests.conftest import make_tiny_subject
+from tests.conftest import load_repo_module, make_tiny_subject
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "configs")
@@ -364,11 +363,6 @@ def test_eval_script_function_reevaluates_latest_run_beside_the_training(tmp_pat
     assert latest_metrics(run) == (own, "training (re-evaluated)")
 
 
-def _load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_latest_metrics_picks_the_newest_evaluation_and_names_bad_files(tmp_path):
@@ -387,9 +381,9 @@ def test_latest_metrics_picks_the_newest_evaluation_and_names_bad_files(tmp_path
 
 
 def test_gatherers_read_the_newest_evaluation_and_skip_eval_folders(tmp_path):
-    ablation = _load_script(ROOT / "scripts" / "ablation_table.py")
-    nc_table = _load_script(ROOT / "scripts" / "neuralcache_table.py")
-    real_video = _load_script(ROOT / "benchmarks" / "real_video.py")
+    ablation = load_repo_module("scripts/ablation_table.py")
+    nc_table = load_repo_module("scripts/neuralcache_table.py")
+    real_video = load_repo_module("benchmarks/real_video.py")
     for i, (name, psnr) in enumerate([("full", 27.5), ("no_ggo", 27.1)]):
         run = tmp_path / str(i)
         run.mkdir()
