@@ -104,8 +104,6 @@ def progress(iterable: Iterable | int, desc: str | None = None, enabled: bool | 
     or when bars are disabled, a :class:`LineProgress` that logs a line every ``every`` items or
     ``min_seconds``, whichever comes later (and at least once a minute). ``enabled=None``
     follows :func:`progress_enabled`."""
-    from tqdm import tqdm
-
     if isinstance(iterable, int):
         iterable = range(iterable)
     if enabled is None:
@@ -113,4 +111,6 @@ def progress(iterable: Iterable | int, desc: str | None = None, enabled: bool | 
     if not enabled:
         return LineProgress(iterable, desc, total=tqdm_kwargs.get("total"), initial=tqdm_kwargs.get("initial", 0),
                             every=every, min_seconds=min_seconds, unit=tqdm_kwargs.get("unit", "it"))
+    from tqdm import tqdm  # only a bar needs it
+
     return tqdm(iterable, desc=desc, dynamic_ncols=True, **tqdm_kwargs)

@@ -70,8 +70,6 @@ def check_missing(cfg: DictConfig) -> None:
                                  "command line, e.g. " + " ".join(f"{k}=..." for k in missing))
 
 
-
-
 #: trainer keys that must be integers, and their smallest allowed value
 TRAINER_INT_MINIMUM = {"trainer.max_steps": 0, "trainer.batch_size": 1, "trainer.log_every": 1,
                        "trainer.ckpt_every": 1, "trainer.image_every": 1}
