@@ -24,9 +24,8 @@ from headkit.data.dataset import FrameDataset
 from headkit.engine.checkpoint import CheckpointManager
 from headkit.engine.guards import device_from_string
 from headkit.engine.rundir import CONFIG_NAME, METRICS_NAME, load_config, read_metrics, write_metrics
-from headkit.engine.trainer import build_method
+from headkit.engine.trainer import build_method, evaluate_with_config
 from headkit.errors import InvalidConfigValue
-from headkit.lpips_net import prepare_lpips_weights
 
 EVAL_DIRNAME = "eval"  # RUN/eval/<name>/ holds one evaluation each
 TRAINING_SOURCE = "training"  # latest_metrics' label for the run's own metrics.json
@@ -135,13 +134,8 @@ def evaluate_run(run_dir: str | Path, *, device: str = "auto", eval_cfg: DictCon
     run = load_run(run_dir, device)  # fails on a non-run folder before anything is created
     now = datetime.now()
     out_dir = run_dir if overwrite else _eval_folder(run_dir, name, now)
-    ecfg = dict(eval_cfg or {})
-    if ecfg.get("lpips_download"):  # eval.lpips_download (configs/eval/default.yaml): fetch missing weights once
-        prepare_lpips_weights(ecfg)
-    metrics = run.model.evaluate(FrameDataset(run.subject, "test"), out_dir, device=run.device,
-                                 with_lpips=bool(ecfg.get("lpips", True)), save_video=bool(ecfg.get("video", True)),
-                                 timing_repeats=int(ecfg.get("timing_repeats", 20)),
-                                 lpips_weights=ecfg.get("lpips_weights"), show_progress=show_progress)
+    metrics = evaluate_with_config(run.model, FrameDataset(run.subject, "test"), out_dir, run.device, eval_cfg,
+                                   show_progress)
     metrics.update({"run_dir": str(run_dir), "checkpoint": str(run.checkpoint), "steps": run.step,
                     "config_name": str(run.cfg.get("experiment_name", "default")),
                     "method": type(run.model).__name__, "evaluated_at": now.isoformat(timespec="seconds")})

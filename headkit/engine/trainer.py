@@ -259,15 +259,17 @@ def _run_steps(model: Method, optimizer, scheduler, data: tuple[FrameDataset, Fr
         raise
 
 
-def _final_metrics(model: Method, test_set: FrameDataset, run_dir: Path, device, cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate on the test split (``eval`` config group). With ``eval.lpips_download`` missing
-    LPIPS weights are fetched once first (after training, so the run itself is unchanged)."""
-    ecfg = cfg.get("eval", {}) or {}
+def evaluate_with_config(model: Method, dataset: FrameDataset, out_dir: Path, device, eval_cfg,
+                         show_progress: bool) -> dict[str, Any]:
+    """``model.evaluate`` on ``dataset`` into ``out_dir`` with the settings of the ``eval`` config
+    group (training's final evaluation and ``scripts/eval.py``). With ``eval.lpips_download``
+    missing LPIPS weights are fetched once first (after training, so a run itself is unchanged)."""
+    ecfg = dict(eval_cfg or {})
     if ecfg.get("lpips_download"):
         prepare_lpips_weights(ecfg)
-    return model.evaluate(test_set, run_dir, device=device, with_lpips=bool(ecfg.get("lpips", True)),
+    return model.evaluate(dataset, out_dir, device=device, with_lpips=bool(ecfg.get("lpips", True)),
                           save_video=bool(ecfg.get("video", True)), timing_repeats=int(ecfg.get("timing_repeats", 20)),
-                          lpips_weights=ecfg.get("lpips_weights"), show_progress=bool(cfg.trainer.progress))
+                          lpips_weights=ecfg.get("lpips_weights"), show_progress=show_progress)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -311,7 +313,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.cuda.synchronize(device)  # queued GPU work belongs to the training time
     train_seconds = time.perf_counter() - began
 
-    metrics = _final_metrics(model, test_set, run_dir, device, cfg)
+    metrics = evaluate_with_config(model, test_set, run_dir, device, cfg.get("eval"), bool(tcfg.progress))
     metrics.update({"config_name": str(cfg.get("experiment_name") or cfg.get("task_name", "train")),
                     "method": type(model).__name__, "steps": steps_done,
                     "train_seconds": round(train_seconds, 1), "subject": subject.name,
