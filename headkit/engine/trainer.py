@@ -125,21 +125,17 @@ def resume_run(run_dir: Path, manager: CheckpointManager, model: Method, optimiz
         warnings.simplefilter("always", CorruptCheckpointWarning)
         try:
             start = resume_or_start(manager, model, optimizer, scheduler)
+            if start == 0 and not manager.checkpoints() and (run_dir / METRICS_NAME).is_file():
+                raise NothingToResume(f"cannot resume {run_dir}: it holds a finished run ({METRICS_NAME}) "
+                                      f"but no checkpoint in {manager.directory}")
         except NothingToResume as exc:
             exc.hint = RESUME_HINT
             raise
         finally:
             for warning in caught:
                 log.warning("%s", warning.message)
-    if start == 0 and not manager.checkpoints():
-        if (run_dir / METRICS_NAME).is_file():
-            exc = NothingToResume(f"cannot resume {run_dir}: it holds a finished run ({METRICS_NAME}) but "
-                                  f"no checkpoint in {manager.directory}")
-            exc.hint = RESUME_HINT
-            raise exc
-        if (run_dir / CONFIG_NAME).is_file():
-            log.warning("trainer.resume=true: %s holds no checkpoint yet; starting from step 0",
-                        manager.directory)
+    if start == 0 and not manager.checkpoints() and (run_dir / CONFIG_NAME).is_file():
+        log.warning("trainer.resume=true: %s holds no checkpoint yet; starting from step 0", manager.directory)
     if start > max_steps:
         raise InvalidConfigValue(f"invalid config value trainer.max_steps={max_steps}: the run in {run_dir} "
                                  f"has already done {start} steps; pass trainer.max_steps={start} or more")
