@@ -1,22 +1,26 @@
 """Forward+backward speed and peak memory of ``rasterize_gaussians`` on a head-like scene.
 
-    python benchmarks/bench_gaussians.py                      # CPU, the default grid
-    python benchmarks/bench_gaussians.py --sizes 128 --counts 5000 --reps 7
-    python benchmarks/bench_gaussians.py --device cuda --backends torch gsplat
+    python benchmarks/bench_gaussians.py                      # CPU: torch vs native, 1 and 2 threads
+    python benchmarks/bench_gaussians.py --sizes 128 --counts 5000 --reps 7 --threads 1
+    python benchmarks/bench_gaussians.py --device cuda --backends torch gsplat --threads 0
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_gaussians.py --dense   # shared CPUs
 
 The scene: N Gaussians on and near a unit sphere (a head) seen from 3 units away, flat
 discs tangent to the sphere with a log-normal spread of sizes, world scale shrinking as
 1/sqrt(N) so that coverage (about 3 layers deep) is the same for every N; their footprint
-is ~2 px sigma at 128^2. The loss is a fixed random weighting of colour, depth and alpha.
-Each timing is the median over ``--reps`` runs after one warm-up, as wall time and as the
-process' CPU time (all threads; on a shared machine CPU time is the steadier number, and
-with ``--threads 1`` it is what the wall time would be on an idle core). Peak memory: CUDA
+is ~2 px sigma at 128^2. The default grid: N = 5000 (about what the default GraphAvatar
+subject renders, 2.5k anchors and their kept neural children) and N = 20000 (an 11k-vertex
+subject), at 128^2 and 256^2. The loss is a fixed random weighting of colour, depth and
+alpha. Each timing is the median over ``--reps`` runs after one warm-up, as wall time and as
+the process' CPU time (all threads; on a shared machine CPU time is the steadier number, and
+with one thread it is what the wall time would be on an idle core). Peak memory: CUDA
 ``max_memory_allocated``; CPU the growth of the process' max RSS (``ru_maxrss``) during the
 warm-up run, each configuration in a fresh process (so it includes the allocator's own
-overhead but not an earlier configuration's high-water mark). ``--dense`` also times the
-dense reference of ``tests/gaussian_reference.py`` (every Gaussian against every pixel,
-forward+backward in bands of rows to bound memory) for the speed ratio.
+overhead but not an earlier configuration's high-water mark). With several backends, a
+second table puts them side by side per scene and thread count (speed-up: the first
+backend's time over each other's). ``--dense`` also times the dense reference of
+``tests/gaussian_reference.py`` (every Gaussian against every pixel, forward+backward in
+bands of rows to bound memory) for the speed ratio.
 """
 
 from __future__ import annotations
@@ -150,16 +154,38 @@ def run_dense(size: int, n: int, reps: int, device: str, threads: int | None) ->
                 peak_mb=float("nan"))
 
 
+def side_by_side(rows: list[dict], backends: list[str]) -> list[str]:
+    """Markdown lines: per scene and thread count, each backend's times and its speed-up over
+    the first backend (forward+backward, wall and CPU time)."""
+    base, others = backends[0], backends[1:]
+    head = ["size", "N", "threads"] + [f"{b} fwd ms" for b in backends] \
+        + [f"{b} fwd+bwd ms" for b in backends] \
+        + [f"{b} speed-up (wall / CPU)" for b in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = sorted({(r["size"], r["n"], r["threads"]) for r in rows if r["backend"] in backends})
+    for key in keys:
+        got = {r["backend"]: r for r in rows if (r["size"], r["n"], r["threads"]) == key}
+        if not all(b in got for b in backends):
+            continue
+        cells = [str(k) for k in key] + [f"{1e3 * got[b]['fwd']:.1f}" for b in backends] \
+            + [f"{1e3 * got[b]['fwd_bwd']:.1f}" for b in backends] \
+            + [f"{got[base]['fwd_bwd'] / got[b]['fwd_bwd']:.2f}x / "
+               f"{got[base]['cpu'] / got[b]['cpu']:.2f}x" for b in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None) -> list[dict]:
-    """Run the benchmark grid; print a markdown table and return its rows."""
+    """Run the benchmark grid; print markdown tables and return their rows."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
-    p.add_argument("--counts", type=int, nargs="+", default=[5000, 20000, 50000])
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--counts", type=int, nargs="+", default=[5000, 20000])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backends", nargs="+", default=["torch"])
+    p.add_argument("--backends", nargs="+", default=["torch", "native"])
     p.add_argument("--tile-size", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="torch.set_num_threads values to run (0: leave torch's default)")
     p.add_argument("--same-process", action="store_true",
                    help="no fresh process per configuration (faster; CPU peak memory unclean)")
     p.add_argument("--dense", action="store_true",
@@ -175,31 +201,35 @@ def main(argv=None) -> list[dict]:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             return pool.apply(fn, a)
 
-    threads = args.threads or torch.get_num_threads()
-    print(f"device={args.device} threads={threads} torch={torch.__version__} "
+    print(f"device={args.device} threads={args.threads} torch={torch.__version__} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} "
           f"loadavg={os.getloadavg()[0]:.1f}")
-    print("| backend | size | N | forward s | fwd+bwd s | fwd+bwd CPU s | peak MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| backend | size | N | threads | forward s | fwd+bwd s | fwd+bwd CPU s | peak MB |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
-    for backend in args.backends:
+    for threads in args.threads:
         for size in args.sizes:
             for n in args.counts:
-                r = call(run_config, backend, size, n, args.reps, args.device, args.tile_size,
-                         args.threads)
-                rows.append(r)
-                print(f"| {backend} | {size} | {n} | {r['fwd']:.4f} | {r['fwd_bwd']:.4f} | "
-                      f"{r['cpu']:.4f} | {r['peak_mb']:.0f} |", flush=True)
+                for backend in args.backends:
+                    r = call(run_config, backend, size, n, args.reps, args.device, args.tile_size,
+                             threads or None)
+                    r["threads"] = threads or torch.get_num_threads()
+                    rows.append(r)
+                    print(f"| {backend} | {size} | {n} | {r['threads']} | {r['fwd']:.4f} | "
+                          f"{r['fwd_bwd']:.4f} | {r['cpu']:.4f} | {r['peak_mb']:.0f} |", flush=True)
+    if len(args.backends) > 1:
+        print()
+        print("\n".join(side_by_side(rows, args.backends)))
     if args.dense:
-        size, n = args.dense_size, args.dense_count
-        r = call(run_dense, size, n, args.dense_reps, args.device, args.threads)
+        size, n, threads = args.dense_size, args.dense_count, args.threads[0] or None
+        r = call(run_dense, size, n, args.dense_reps, args.device, threads)
         rows.append(r)
         print(f"| dense reference | {size} | {n} | - | {r['fwd_bwd']:.3f} | {r['cpu']:.3f} | - |")
-        ours = [x for x in rows if x["backend"] == "torch" and x["size"] == size and x["n"] == n]
-        if ours:
-            print(f"speed-up of torch over dense at {size}^2, N={n}: "
-                  f"{r['fwd_bwd'] / ours[0]['fwd_bwd']:.0f}x wall, "
-                  f"{r['cpu'] / ours[0]['cpu']:.0f}x CPU time")
+        for ours in [x for x in rows if x["backend"] != "dense" and x["size"] == size
+                     and x["n"] == n and x["threads"] == (threads or torch.get_num_threads())]:
+            print(f"speed-up of {ours['backend']} over dense at {size}^2, N={n}: "
+                  f"{r['fwd_bwd'] / ours['fwd_bwd']:.0f}x wall, "
+                  f"{r['cpu'] / ours['cpu']:.0f}x CPU time")
     print(f"loadavg at end={os.getloadavg()[0]:.1f}")
     return rows
 

@@ -105,8 +105,10 @@ def _backward(pairs) -> None:
 
 @contextlib.contextmanager
 def _timed_render_parts(times: dict):
-    """Time ``project_gaussians`` and ``rasterize_tiles`` (forward) inside the torch backend."""
-    project, tiles = gaussians_module.project_gaussians, gaussians_module.rasterize_tiles
+    """Time ``project_gaussians`` and ``rasterize_tiles`` (forward; torch's or native's)."""
+    names = {"project_gaussians": "  projection (fwd)", "rasterize_tiles": "  binning+compositing (fwd)",
+             "rasterize_tiles_native": "  binning+compositing (fwd)"}
+    saved = {name: getattr(gaussians_module, name) for name in names}
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
@@ -115,12 +117,13 @@ def _timed_render_parts(times: dict):
             times[key] += time.perf_counter() - began
             return out
         return wrapper
-    gaussians_module.project_gaussians = timed(project, "  projection (fwd)")
-    gaussians_module.rasterize_tiles = timed(tiles, "  binning+compositing (fwd)")
+    for name, key in names.items():
+        setattr(gaussians_module, name, timed(saved[name], key))
     try:
         yield
     finally:
-        gaussians_module.project_gaussians, gaussians_module.rasterize_tiles = project, tiles
+        for name, fn in saved.items():
+            setattr(gaussians_module, name, fn)
 
 
 def staged_step(model, optimizer, scheduler, batch, step: int) -> dict[str, float]:
@@ -136,11 +139,11 @@ def staged_step(model, optimizer, scheduler, batch, step: int) -> dict[str, floa
 
     def stage_a(batch):
         encoded = model.encode(batch)
-        c2w, expressions, d_expr, d_pose = model.refine(batch, encoded, True)
+        c2w, expressions, offsets = model.refine(batch, encoded, True)
         from headkit.cameras import invert_rigid
         cam_to_local = invert_rigid(encoded["poses"]) @ c2w
         return {"anchors": model.anchors(encoded, expressions), "viewmats": invert_rigid(cam_to_local),
-                "centres": cam_to_local[:, :3, 3], "expressions": expressions, "d_expr": d_expr, "d_pose": d_pose}
+                "centres": cam_to_local[:, :3, 3], "expressions": expressions, "offsets": offsets}
 
     pa, pb, pc, pd = [], [], [], []
     a = _cut(run("graph U-Nets", stage_a, batch), pa)
@@ -156,7 +159,7 @@ def staged_step(model, optimizer, scheduler, batch, step: int) -> dict[str, floa
     if model.enhancer is not None:
         image = _cut(run("enhancer", model.enhancer, coarse, depths), pd)
     outputs = {"image": image, "coarse_image": coarse, "depth": depths, "alpha": alphas, "num_gaussians": counts,
-               "delta_expression": a["d_expr"], "delta_pose": a["d_pose"],
+               **a["offsets"],
                "anchor_offsets": a["anchors"]["offsets"], "anchor_scales": a["anchors"]["scales"]}
 
     def losses_fwd():
@@ -237,6 +240,17 @@ def pyramid_enhancer_forward(self, images, depths):
     return images + self.correction(x, depth_at)[:, :, :h, :w].permute(0, 2, 3, 1)
 
 
+NEW_AUTO_BACKEND = gaussians_module.auto_backend
+
+
+def old_auto_backend(device, dtype=torch.float32):
+    """``headkit.render.gaussians.auto_backend`` before the native backend (issue #15): the torch
+    compositing on the CPU."""
+    if torch.device(device).type != "cuda":
+        return "torch", "torch (no CUDA device)"
+    return NEW_AUTO_BACKEND(device, dtype)
+
+
 def old_configure_optimizers(model):
     """``GraphAvatar.configure_optimizers`` before issue #15: the default (per-parameter on CPU) Adam."""
     from graphavatar.schedules import LRSchedule, ScheduledLR
@@ -249,8 +263,9 @@ def old_configure_optimizers(model):
 
 @contextlib.contextmanager
 def code(version: str):
-    """``"old"``: the pre-issue-#15 photometric losses, finite checks and Adam patched in (for a model
-    built before, the optimiser is :func:`old_configure_optimizers`); ``"new"``: as checked in."""
+    """``"old"``: the pre-issue-#15 photometric losses, finite checks, Adam and CPU splatting backend
+    (torch compositing; :func:`old_auto_backend`) patched in (for a model built before, the optimiser is
+    :func:`old_configure_optimizers`); ``"new"``: as checked in (``backend=auto``: native on the CPU)."""
     if version == "new":
         yield
         return
@@ -260,7 +275,8 @@ def code(version: str):
     slots = [(ga_losses, "photometric_losses", old_photometric_losses),
              (guards, "check_finite", old_check_finite), (guards, "check_finite_grads", old_check_finite_grads),
              (trainer, "check_finite", old_check_finite), (trainer, "check_finite_grads", old_check_finite_grads),
-             (ga_model.GraphAvatar, "configure_optimizers", old_configure_optimizers)]
+             (ga_model.GraphAvatar, "configure_optimizers", old_configure_optimizers),
+             (gaussians_module, "auto_backend", old_auto_backend)]
     saved = [getattr(owner, attr) for owner, attr, _ in slots]
     for owner, attr, value in slots:
         setattr(owner, attr, value)

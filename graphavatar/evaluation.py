@@ -100,7 +100,7 @@ def ggo_tracking_errors(model, subject: Subject, device: torch.device, batch_siz
     parts = {key: [] for key in ("ids", "c2w_before", "c2w_after", "expr_before", "expr_after")}
     for start in range(0, len(train), batch_size):
         batch = train.batch(np.arange(start, min(start + batch_size, len(train))), device)
-        c2w, expr, _, _ = model.refine(batch, model.encode(batch), apply=True)
+        c2w, expr, _ = model.refine(batch, model.encode(batch), apply=True)
         parts["ids"].append(batch["index"])
         parts["c2w_before"].append(batch["camtoworld"])
         parts["expr_before"].append(batch["expression"])

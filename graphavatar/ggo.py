@@ -28,10 +28,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from headkit.cameras import perturb_pose
+from headkit.cameras import invert_rigid, perturb_pose
 from headkit.encodings import positional_encoding
 
-__all__ = ["GraphGuidedOptimization", "apply_pose_delta"]
+__all__ = ["GraphGuidedOptimization", "apply_pose_delta", "POSE_SIDES"]
+
+POSE_SIDES = ("right", "left", "head")  # frames apply_pose_delta can apply the update in
 
 
 class GraphGuidedOptimization(nn.Module):
@@ -45,6 +47,10 @@ class GraphGuidedOptimization(nn.Module):
         num_heads: attention heads (authors: 4).
         num_freqs: frequencies of the time encoding ``[sin(2^k π t), cos(2^k π t)]`` (authors: 10).
         dropout: attention dropout (authors: 0.1; 0 keeps the refinement deterministic).
+        shared_momentum: momentum ``β`` of the running mean of the offsets over the training
+            frames (``shared_offset``), updated in training-mode forward passes (see
+            :meth:`shared`). Not checkpointed (a resumed run re-estimates it within ~1/(1-β)
+            steps), so checkpoints of older runs still load.
     """
 
     def __init__(
@@ -55,6 +61,7 @@ class GraphGuidedOptimization(nn.Module):
         num_heads: int = 4,
         num_freqs: int = 10,
         dropout: float = 0.0,
+        shared_momentum: float = 0.99,
     ) -> None:
         super().__init__()
         embed_dim = embed_dim or bottleneck_dim
@@ -71,6 +78,8 @@ class GraphGuidedOptimization(nn.Module):
         self.query_proj = nn.Linear(bottleneck_dim, embed_dim)
         self.attention = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
         self.out_proj = nn.Linear(embed_dim, self.num_tokens)
+        self.shared_momentum = float(shared_momentum)
+        self.register_buffer("shared_offset", torch.zeros(self.num_tokens), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -80,6 +89,7 @@ class GraphGuidedOptimization(nn.Module):
         self.attention._reset_parameters()
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
+        self.shared_offset.zero_()
 
     def time_tokens(self, times: Tensor) -> Tensor:  # [B]
         """Temporal key/value tokens ``[B, E + 6, D]`` from normalised times in [0, 1]."""
@@ -95,8 +105,9 @@ class GraphGuidedOptimization(nn.Module):
 
         Returns:
             ``delta_expressions [B, E]``, ``delta_poses [B, 6]`` (``(ω, v)`` for
-            :func:`apply_pose_delta`) and ``attention [B, Q, E + 6]`` (weights averaged over
-            heads, for inspection).
+            :func:`apply_pose_delta`), ``shared_expression [E]`` and ``shared_pose [6]`` (the
+            part common to all training frames, see :meth:`shared`) and ``attention
+            [B, Q, E + 6]`` (weights averaged over heads, for inspection).
         """
         if bottlenecks.dim() == 2:
             bottlenecks = bottlenecks[:, None]
@@ -108,25 +119,54 @@ class GraphGuidedOptimization(nn.Module):
         queries = self.query_proj(bottlenecks)
         attended, weights = self.attention(queries, tokens, tokens, need_weights=True)
         out = self.out_proj(attended.mean(dim=1))  # [B, E + 6]
+        shared = self.shared(out)
         return {"delta_expressions": out[:, : self.expression_dim],
-                "delta_poses": out[:, self.expression_dim:], "attention": weights}
+                "delta_poses": out[:, self.expression_dim:], "shared_expression": shared[: self.expression_dim],
+                "shared_pose": shared[self.expression_dim:], "attention": weights}
+
+    def shared(self, out: Tensor) -> Tensor:  # [B, E + 6]
+        """The offset shared by all training frames, ``[E + 6]``, for a penalty on it alone.
+
+        Its value is the running mean ``m`` of the offsets over training steps (batches of a few
+        frames, so a mean over the training frames after ~1/(1-β) steps); its gradient flows
+        into this batch's offsets as if their mean were ``m``:
+        ``m + (mean_b out_b - sg(mean_b out_b))``. So ``‖shared‖²`` has the value ``‖m‖²`` and
+        pushes every frame's offset by ``-2m``, the gradient of ``‖m + s‖²`` with respect to a
+        shift ``s`` common to all frames: it removes a shared offset (a gauge freedom: it is the
+        same as moving the avatar) and leaves the differences between frames alone.
+        """
+        batch_mean = out.mean(dim=0)
+        if self.training:
+            with torch.no_grad():
+                self.shared_offset.lerp_(batch_mean.detach(), 1.0 - self.shared_momentum)
+        return self.shared_offset + (batch_mean - batch_mean.detach())
 
 
 def apply_pose_delta(
     camtoworlds: Tensor,  # [B, 4, 4]
     delta_poses: Tensor,  # [B, 6] (ω, v)
     side: str = "right",
+    head_poses: Tensor | None = None,  # [B, 4, 4] head (local frame) to world, for side="head"
 ) -> Tensor:
-    """Refined camera-to-world poses ``[B, 4, 4]``: ``camtoworld · exp(δ)`` (or ``exp(δ) · camtoworld``).
+    """Refined camera-to-world poses ``[B, 4, 4]``; ``exp`` is :func:`headkit.cameras.se3_exp`.
 
-    ``exp`` is :func:`headkit.cameras.se3_exp`, the so(3) × R³ map (rotation ``so3_exp(ω)``,
-    translation ``v`` as is). ``side="right"`` (default) applies the update in the camera's own
-    frame, so ``ω`` rotates about the camera centre and ``v`` moves along the camera axes: the
-    same pose error means the same ``δ`` whatever the head's placement in the world. ``"left"``
-    applies it in world coordinates.
+    * ``"right"`` (the authors'): ``camtoworld · exp(δ)``, the update in the camera's own frame:
+      ``ω`` rotates about the camera centre, ``v`` moves along the camera axes.
+    * ``"left"``: ``exp(δ) · camtoworld``, in world coordinates (rotation about the world origin).
+    * ``"head"``: ``H · exp(δ) · H⁻¹ · camtoworld`` with the head pose ``H``: the update in the
+      head's frame, i.e. the camera orbits the head origin by ``ω`` and shifts by ``v`` along the
+      head's axes. A monocular tracker's pose error is mostly such a rotation of the head (about
+      itself) relative to the camera; in the camera frame the same error needs a rotation *and*
+      a coupled shift of about ``ω × distance``, which the offsets' penalty and optimiser treat
+      as much larger.
     """
     if camtoworlds.shape[-2:] != (4, 4) or delta_poses.shape[-1] != 6 \
             or camtoworlds.shape[:-2] != delta_poses.shape[:-1]:
         raise ValueError(f"apply_pose_delta: expected camtoworlds [B, 4, 4] and delta_poses [B, 6], "
                          f"got {list(camtoworlds.shape)} and {list(delta_poses.shape)}")
-    return perturb_pose(camtoworlds, delta_poses.to(camtoworlds.dtype), side=side)
+    delta_poses = delta_poses.to(camtoworlds.dtype)
+    if side != "head":
+        return perturb_pose(camtoworlds, delta_poses, side=side)
+    if head_poses is None or head_poses.shape != camtoworlds.shape:
+        raise ValueError("apply_pose_delta: side='head' needs head_poses [B, 4, 4] like camtoworlds")
+    return head_poses @ perturb_pose(invert_rigid(head_poses) @ camtoworlds, delta_poses, side="left")

@@ -24,7 +24,9 @@ from headkit.metrics import MetricUnavailable, lpips
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GraphAvatarLoss"]
+__all__ = ["GraphAvatarLoss", "GGO_REG_TARGETS"]
+
+GGO_REG_TARGETS = ("offsets", "shared")
 
 
 class GraphAvatarLoss:
@@ -46,7 +48,11 @@ class GraphAvatarLoss:
             indistinguishable from moving the whole avatar, and since test frames are rendered
             with the tracked camera (``ggo.apply_on_test=false``) such a drift would misalign
             every test render. With the penalty, shared offsets go to the avatar and GGO keeps
-            only per-frame corrections.
+            only per-frame corrections. ``ggo_reg.target`` says what is penalised: ``offsets``
+            (each frame's offsets, as above) or ``shared`` (only their mean over the training
+            frames, ``ggo_shared_pose/expression`` from
+            :meth:`graphavatar.ggo.GraphGuidedOptimization.shared`): the gauge is fixed while
+            per-frame corrections (drift) cost nothing.
         translation_unit: ``d`` above (the model passes the median camera-to-head distance).
         lpips_weights: AlexNet weight file for LPIPS (None: the default locations).
     """
@@ -60,7 +66,9 @@ class GraphAvatarLoss:
         self.coarse, self.alpha_bce = float(coarse), float(alpha_bce)
         self.offset_hinge = {"weight": 0.0, "max": 3.0, **(offset_hinge or {})}
         self.scale_hinge = {"weight": 0.0, "max": 3.0, **(scale_hinge or {})}
-        self.ggo_reg = {"pose": 0.0, "expression": 0.0, **(ggo_reg or {})}
+        self.ggo_reg = {"pose": 0.0, "expression": 0.0, "target": "offsets", **(ggo_reg or {})}
+        if self.ggo_reg["target"] not in GGO_REG_TARGETS:
+            raise ValueError(f"ggo_reg.target must be one of {GGO_REG_TARGETS}, got {self.ggo_reg['target']!r}")
         self.translation_unit = float(translation_unit)
         self.lpips_weights = lpips_weights
         self.lpips_unavailable: str | None = None
@@ -102,16 +110,25 @@ class GraphAvatarLoss:
             # BCE in float32 with the alpha clamped away from {0, 1}: log(0) would be -inf.
             alphas = outputs["alpha"].clamp(1e-6, 1.0 - 1e-6)
             losses["alpha_bce"] = self.alpha_bce * F.binary_cross_entropy(alphas, masks.clamp(0, 1))
-        if self.ggo_reg["pose"] and "delta_pose" in outputs:
-            d = outputs["delta_pose"]
-            angles = torch.cat([d[:, :3], d[:, 3:] / self.translation_unit], dim=-1)
-            losses["ggo_pose_reg"] = self.ggo_reg["pose"] * angles.square().mean()
-        if self.ggo_reg["expression"] and "delta_expression" in outputs:
-            losses["ggo_expression_reg"] = self.ggo_reg["expression"] * outputs["delta_expression"].square().mean()
+        losses.update(self._ggo_penalties(outputs))
         if self.offset_hinge["weight"]:
             lengths = outputs["anchor_offsets"].norm(dim=-1) / edge_length
             losses["offset_hinge"] = self.offset_hinge["weight"] * F.relu(lengths - self.offset_hinge["max"]).mean()
         if self.scale_hinge["weight"]:
             largest = outputs["anchor_scales"].amax(dim=-1) / edge_length
             losses["scale_hinge"] = self.scale_hinge["weight"] * F.relu(largest - self.scale_hinge["max"]).mean()
+        return losses
+
+    def _ggo_penalties(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``ggo_pose_reg``, ``ggo_expression_reg``: weighted mean squares of GGO's offsets (pose
+        as angles), per frame (``target: offsets``) or of their shared part (``shared``)."""
+        shared = self.ggo_reg["target"] == "shared"
+        pose_key, expr_key = ("ggo_shared_pose", "ggo_shared_expression") if shared else ("delta_pose", "delta_expression")
+        losses = {}
+        if self.ggo_reg["pose"] and pose_key in outputs:
+            d = outputs[pose_key]
+            angles = torch.cat([d[..., :3], d[..., 3:] / self.translation_unit], dim=-1)
+            losses["ggo_pose_reg"] = self.ggo_reg["pose"] * angles.square().mean()
+        if self.ggo_reg["expression"] and expr_key in outputs:
+            losses["ggo_expression_reg"] = self.ggo_reg["expression"] * outputs[expr_key].square().mean()
         return losses

@@ -165,7 +165,8 @@ class GraphAvatar(Method):
         self.ggo = None
         if ggo["enabled"]:
             self.ggo = GraphGuidedOptimization(2 * unet["latent"], E, num_heads=ggo["num_heads"],
-                                               num_freqs=ggo["num_freqs"], dropout=ggo["dropout"])
+                                               num_freqs=ggo["num_freqs"], dropout=ggo["dropout"],
+                                               shared_momentum=ggo.get("shared_momentum", 0.99))
         enhancer = cfg["enhancer"]
         self.enhancer = None
         if enhancer["enabled"]:
@@ -210,17 +211,22 @@ class GraphAvatar(Method):
         batch: dict[str, Tensor],  # camtoworld [B,4,4], expression [B,E], time [B]
         encoded: dict[str, Any],  # from encode()
         apply: bool = True,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """GGO: ``(camtoworlds' [B,4,4], expressions' [B,E], Δe [B,E], Δξ [B,6])``; zero deltas
-        when GGO is disabled or ``apply`` is false."""
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """GGO: ``(camtoworlds' [B,4,4], expressions' [B,E], offsets)``; ``offsets`` holds
+        ``delta_expression [B,E]`` and ``delta_pose [B,6]`` (zero when GGO is disabled or
+        ``apply`` is false) and, when GGO ran, ``ggo_shared_expression [E]`` and
+        ``ggo_shared_pose [6]``, the part shared by all training frames (for ``ggo_reg.target``)."""
         c2w, expr = batch["camtoworld"], batch["expression"]
         if self.ggo is None or not apply:
             b = c2w.shape[0]
-            return c2w, expr, expr.new_zeros(b, self.expression_dim), expr.new_zeros(b, 6)
+            return c2w, expr, {"delta_expression": expr.new_zeros(b, self.expression_dim),
+                               "delta_pose": expr.new_zeros(b, 6)}
         out = self.ggo(batch["time"], torch.cat([encoded["z_geo"], encoded["z_app"]], dim=-1))
         d_expr, d_pose = out["delta_expressions"], out["delta_poses"]
-        refined = apply_pose_delta(c2w, d_pose, side=self.settings["ggo"]["pose_side"])
-        return refined, expr + d_expr, d_expr, d_pose
+        refined = apply_pose_delta(c2w, d_pose, side=self.settings["ggo"]["pose_side"], head_poses=encoded["poses"])
+        return refined, expr + d_expr, {"delta_expression": d_expr, "delta_pose": d_pose,
+                                        "ggo_shared_expression": out["shared_expression"],
+                                        "ggo_shared_pose": out["shared_pose"]}
 
     def anchors(self, encoded: dict[str, Any], expressions: Tensor) -> dict[str, Tensor]:  # [B, E]
         """Anchor Gaussians in the local frame: ``means, offsets, scales [B,V,3]``,
@@ -268,7 +274,7 @@ class GraphAvatar(Method):
         ``anchor_offsets, anchor_scales [B,V,3]`` (for the hinge penalties)."""
         apply_ggo = self.training or self.settings["ggo"]["apply_on_test"]
         encoded = self.encode(batch)
-        c2w, expressions, d_expr, d_pose = self.refine(batch, encoded, apply_ggo)
+        c2w, expressions, offsets = self.refine(batch, encoded, apply_ggo)
         cam_to_local = invert_rigid(encoded["poses"]) @ c2w  # refined camera in the Gaussians' frame
         viewmats = invert_rigid(cam_to_local)
         centres = cam_to_local[:, :3, 3]
@@ -279,7 +285,7 @@ class GraphAvatar(Method):
         coarse, depths, alphas, counts = self.rasterize(anchors, children, viewmats, batch["K"], centres)
         image = self.enhancer(coarse, depths) if self.enhancer is not None else coarse
         return {"image": image, "coarse_image": coarse, "depth": depths, "alpha": alphas,
-                "num_gaussians": counts, "delta_expression": d_expr, "delta_pose": d_pose,
+                "num_gaussians": counts, **offsets,
                 "anchor_offsets": anchors["offsets"], "anchor_scales": anchors["scales"]}
 
     def target_image(self, batch: dict[str, Tensor]) -> Tensor:

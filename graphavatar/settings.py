@@ -18,8 +18,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from headkit.errors import InvalidConfigValue
+from headkit.render.gaussians import BACKENDS
 
+from .ggo import POSE_SIDES
 from .graph_unet import HEAD_INITS
+from .losses import GGO_REG_TARGETS
 from .schedules import LR_SCHEDULES
 
 from .warmup import ANCHOR_LOSSES
@@ -108,9 +111,11 @@ def _check(name: str, s: dict, p: str) -> None:
             need(key, isinstance(s[key], int) and s[key] >= 1,
                  "must be an integer >= 1 when neural Gaussians are enabled")
     elif name == "ggo" and s["enabled"]:
-        need("pose_side", s["pose_side"] in ("left", "right"), "must be 'left' or 'right'")
+        need("pose_side", s["pose_side"] in POSE_SIDES, f"must be one of {', '.join(POSE_SIDES)}")
         need("num_freqs", isinstance(s["num_freqs"], int) and s["num_freqs"] >= 1, "must be an integer >= 1")
         need("num_heads", isinstance(s["num_heads"], int) and s["num_heads"] >= 1, "must be an integer >= 1")
+        need("shared_momentum", _number(s.get("shared_momentum", 0.99)) and 0 <= s.get("shared_momentum", 0.99) < 1,
+             "must be in [0, 1)")
     elif name == "enhancer" and s["enabled"]:
         _positive_ints(f"{p}.channels", s["channels"])
         for key in ("depth_offset", "depth_scale"):
@@ -120,7 +125,7 @@ def _check(name: str, s: dict, p: str) -> None:
         bg = s["background"]
         need("background", isinstance(bg, (list, tuple)) and len(bg) == 3 and all(_number(c) and 0 <= c <= 1 for c in bg),
              "must be 3 numbers in [0, 1]")
-        need("backend", s["backend"] in ("auto", "torch", "gsplat"), "must be auto, torch or gsplat")
+        need("backend", s["backend"] in BACKENDS, f"must be one of {', '.join(BACKENDS)}")
     elif name == "warmup":
         need("loss", isinstance(s["loss"], str) and s["loss"] in ANCHOR_LOSSES,
              f"must be one of {', '.join(map(repr, ANCHOR_LOSSES))}")
@@ -138,6 +143,8 @@ def _check(name: str, s: dict, p: str) -> None:
              "must be an integer >= 0")
         for key in ("pose", "expression"):
             need(f"ggo_reg.{key}", _number(s["ggo_reg"][key]) and s["ggo_reg"][key] >= 0, "must be >= 0")
+        need("ggo_reg.target", s["ggo_reg"].get("target", "offsets") in GGO_REG_TARGETS,
+             f"must be one of {', '.join(GGO_REG_TARGETS)}")
         for hinge in ("offset_hinge", "scale_hinge"):
             need(f"{hinge}.weight", _number(s[hinge]["weight"]) and s[hinge]["weight"] >= 0, "must be >= 0")
             need(f"{hinge}.max", _number(s[hinge]["max"]) and s[hinge]["max"] > 0, "must be > 0")

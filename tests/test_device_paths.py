@@ -56,14 +56,21 @@ def fresh_log(monkeypatch):
 
 # ---------------------------------------------------------------- which backend auto picks, and why
 
-def test_auto_backend_without_cuda_is_torch_and_says_why(no_cuda):
-    assert auto_backend("cpu") == ("torch", "torch (no CUDA device)")
-    assert auto_backend(torch.device("cpu")) == ("torch", "torch (no CUDA device)")
+def test_auto_backend_without_cuda_is_native_and_says_why(no_cuda, monkeypatch):
+    monkeypatch.setattr(gaussians, "native_load_error", lambda: None)
+    assert auto_backend("cpu") == ("native", "native (no CUDA device)")
+    assert auto_backend(torch.device("cpu")) == ("native", "native (no CUDA device)")
+    assert auto_backend("cpu", torch.float64) == (
+        "torch", "torch (no CUDA device; float64 inputs, the native kernel is float32)")
+    monkeypatch.setattr(gaussians, "native_load_error", lambda: "no C compiler found")
+    assert auto_backend("cpu") == (
+        "torch", "torch (no CUDA device; native kernel unavailable: no C compiler found)")
 
 
 def test_auto_backend_reasons_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert auto_backend("cpu") == ("torch", "torch (tensors on cpu, not CUDA)")
+    monkeypatch.setattr(gaussians, "native_load_error", lambda: None)
+    assert auto_backend("cpu") == ("native", "native (tensors on cpu, not CUDA)")
     monkeypatch.setattr(gaussians, "_gsplat_load_error", lambda: None)
     assert auto_backend("cuda:0") == ("gsplat", "gsplat (CUDA)")
     monkeypatch.setattr(gaussians, "_gsplat_load_error", lambda: "gsplat not installed")
@@ -97,14 +104,15 @@ def test_pyproject_pins_gsplat_to_1_5():
 
 def test_auto_logs_its_choice_once_and_records_it(no_cuda, fresh_log, caplog):
     scene = _scene()
+    backend, reason = auto_backend("cpu")  # "native (no CUDA device)" where a C compiler works
     with caplog.at_level(logging.INFO, logger="headkit.render.gaussians"):
         with record_render_backends() as used:
             for _ in range(3):
-                assert rasterize_gaussians(*scene, 24, 20)[3]["backend"] == "torch"
+                assert rasterize_gaussians(*scene, 24, 20)[3]["backend"] == backend
             rasterize_gaussians(*scene, 24, 20, backend="torch")
     msgs = [r.getMessage() for r in caplog.records if r.name == "headkit.render.gaussians"]
-    assert msgs == ["Gaussian splatting (backend=auto) renders with torch (no CUDA device)"]
-    assert used == ["torch (no CUDA device)", "torch (backend='torch')"]
+    assert msgs == [f"Gaussian splatting (backend=auto) renders with {reason}"]
+    assert used == [reason, "torch (backend='torch')"]
     with record_render_backends() as later:
         pass
     assert later == []  # a finished recorder sees nothing more, a new one nothing earlier
@@ -198,7 +206,7 @@ def _tiny_eval(model, subject, tmp_path):
 def test_render_backend_is_in_the_metrics_of_a_tiny_evaluation(no_cuda, tmp_path):
     subject = make_tiny_subject()
     metrics = _tiny_eval(_SplatMethod(subject), subject, tmp_path)
-    assert metrics["render_backend"] == "torch (no CUDA device)"
+    assert metrics["render_backend"] == auto_backend("cpu")[1]  # "native (no CUDA device)"
     metrics = _tiny_eval(_SplatMethod(subject, backend="torch"), subject, tmp_path)
     assert metrics["render_backend"] == "torch (backend='torch')"
     assert _tiny_eval(_NoSplatMethod(subject), subject, tmp_path)["render_backend"] is None

@@ -94,3 +94,44 @@ def test_bad_configuration_and_inputs():
     ggo = GraphGuidedOptimization(bottleneck_dim=8, expression_dim=3)
     with pytest.raises(ValueError, match="bottlenecks"):
         ggo(torch.rand(2), torch.randn(2, 9))
+
+
+def test_head_side_update_orbits_the_camera_about_the_head():
+    rng = np.random.default_rng(2)
+    c2w = np.tile(np.eye(4), (3, 1, 1))
+    c2w[:, :3, :3] = Rotation.random(3, random_state=3).as_matrix()
+    c2w[:, :3, 3] = rng.normal(size=(3, 3))
+    head = np.tile(np.eye(4), (3, 1, 1))
+    head[:, :3, :3] = Rotation.random(3, random_state=4).as_matrix()
+    head[:, :3, 3] = rng.normal(size=(3, 3))
+    delta = np.concatenate([rng.normal(size=(3, 3)) * 0.1, np.zeros((3, 3))], -1)  # rotation only
+    T = np.tile(np.eye(4), (3, 1, 1))
+    T[:, :3, :3] = Rotation.from_rotvec(delta[:, :3]).as_matrix()
+    out = apply_pose_delta(torch.tensor(c2w), torch.tensor(delta), side="head", head_poses=torch.tensor(head)).numpy()
+    np.testing.assert_allclose(out, head @ T @ np.linalg.inv(head) @ c2w, atol=1e-10)
+    # A pure rotation moves the camera on a sphere about the head origin.
+    dist = lambda cams: np.linalg.norm(cams[:, :3, 3] - head[:, :3, 3], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(dist(out), dist(c2w), atol=1e-10)
+    # With the head at the world origin, "head" is "left".
+    eye = torch.eye(4, dtype=torch.float64).expand(3, 4, 4)
+    torch.testing.assert_close(apply_pose_delta(torch.tensor(c2w), torch.tensor(delta), "head", eye),
+                               apply_pose_delta(torch.tensor(c2w), torch.tensor(delta), "left"))
+    with pytest.raises(ValueError, match="head_poses"):
+        apply_pose_delta(torch.tensor(c2w), torch.tensor(delta), side="head")
+
+
+def test_shared_offset_is_a_running_mean_with_the_gradient_of_its_square():
+    torch.manual_seed(0)
+    ggo = GraphGuidedOptimization(bottleneck_dim=8, expression_dim=2, num_heads=2, shared_momentum=0.5)
+    out = torch.tensor([[1.0, 2.0, 0, 0, 0, 0, 0, 3.0], [3.0, 0.0, 0, 0, 0, 0, 0, 1.0]], requires_grad=True)
+    shared = ggo.shared(out)  # training mode: m = 0.5 * 0 + 0.5 * mean
+    expected = 0.5 * out.detach().mean(0)
+    torch.testing.assert_close(shared.detach(), expected)
+    torch.testing.assert_close(ggo.shared_offset, expected)
+    shared.square().sum().backward()
+    # d/d out_b ||m + (mean - sg(mean))||^2 = 2 m / B for every frame b: a shift common to all frames.
+    torch.testing.assert_close(out.grad, (2 * expected / 2).expand(2, 8))
+    ggo.eval()
+    ggo.shared(out.detach() * 100)  # evaluation never moves the running mean
+    torch.testing.assert_close(ggo.shared_offset, expected)
+    assert "shared_offset" not in ggo.state_dict()  # old checkpoints keep loading

@@ -288,6 +288,16 @@ def test_loss_terms_hand_values_and_lpips_skipped_once(caplog):
     terms = reg({**outputs, **deltas}, targets, masks, step=0, edge_length=1.0, has_enhancer=True)
     assert terms["ggo_pose_reg"].item() == pytest.approx(3.0 * (0.01 + 0.01) / 6)
     assert terms["ggo_expression_reg"].item() == pytest.approx(0.5 * 0.04 / 2)
+    # target=shared: only the part shared by all frames is penalised (the per-frame offsets are free)
+    shared = GraphAvatarLoss(lpips=0.0, ggo_reg={"pose": 3.0, "expression": 0.5, "target": "shared"},
+                             translation_unit=2.0)
+    both = {**deltas, "ggo_shared_pose": torch.tensor([0.0, 0.1, 0.0, 0.0, 0.0, 0.4]),
+            "ggo_shared_expression": torch.tensor([0.0, 0.1])}
+    terms = shared({**outputs, **both}, targets, masks, step=0, edge_length=1.0, has_enhancer=True)
+    assert terms["ggo_pose_reg"].item() == pytest.approx(3.0 * (0.01 + 0.04) / 6)
+    assert terms["ggo_expression_reg"].item() == pytest.approx(0.5 * 0.01 / 2)
+    with pytest.raises(ValueError, match="target"):
+        GraphAvatarLoss(ggo_reg={"target": "frames"})
 
 
 def test_optimizer_groups_and_schedules(subject):

@@ -1,6 +1,7 @@
-"""Differentiable 3D Gaussian splatting: one API, two backends (gsplat on CUDA, torch anywhere).
+"""Differentiable 3D Gaussian splatting: one API, three backends (gsplat on CUDA, a C kernel on
+CPU, torch anywhere).
 
-:func:`rasterize_gaussians` renders ``C`` pinhole cameras. Both backends implement the
+:func:`rasterize_gaussians` renders ``C`` pinhole cameras. All backends implement the
 same image formation, that of gsplat 1.5.3's ``rasterization(..., packed=False,
 rasterize_mode="classic", render_mode="RGB+D")``:
 
@@ -38,21 +39,27 @@ Colours: ``colors [N, D]`` (or per camera ``[C, N, D]``) are used as given, any 
 ``sh_degree`` set, ``colors [N, K, 3]`` are SH coefficients (``K >= (sh_degree + 1)^2``, the
 first ones used) evaluated along ``mu - camera centre`` and mapped by ``max(sh + 0.5, 0)``.
 
-Backends: ``"torch"`` (:mod:`.gaussians_torch`: differentiable w.r.t. every float input,
-``viewmats`` and ``Ks`` included, CPU or CUDA), ``"gsplat"`` (CUDA only, gsplat 1.5.x: 1.4
-returns radii ``[C, N]`` and renders differently, so other versions are refused; gsplat
-gives no gradient for ``Ks``), ``"auto"`` (gsplat for CUDA tensors when a supported gsplat
-is installed and its extension loads, which may JIT-compile it on first use, else torch).
+Backends: ``"native"`` (:mod:`.gaussians_native`: CPU; the torch backend's projection and
+binning, then a fused C kernel per tile with early termination for the compositing, float32,
+compiled with the system C compiler on first use; a render's forward+backward is 2-3x faster
+than with ``"torch"`` on CPU, see ``benchmarks/gaussians.md``; without a working compiler it
+logs a warning and renders with torch), ``"torch"`` (:mod:`.gaussians_torch`: differentiable w.r.t. every float input,
+``viewmats`` and ``Ks`` included, CPU or CUDA, computes in the input dtype), ``"gsplat"``
+(CUDA only, gsplat 1.5.x: 1.4 returns radii ``[C, N]`` and renders differently, so other
+versions are refused; gsplat gives no gradient for ``Ks``), ``"auto"`` (gsplat for CUDA
+tensors when a supported gsplat is installed and its extension loads, which may JIT-compile
+it on first use; native for float32 CPU tensors when its kernel builds; else torch).
 ``auto`` never falls back silently: the first render with each choice logs the backend and
-why (:func:`auto_backend`, e.g. ``"gsplat (CUDA)"``, ``"torch (no CUDA device)"``,
-``"torch (gsplat not installed)"``; a warning when a CUDA device renders with torch), and
-:func:`record_render_backends` collects what rendered (evaluation writes it to
-``metrics.json`` as ``render_backend``).
+why (:func:`auto_backend`, e.g. ``"gsplat (CUDA)"``, ``"native (no CUDA device)"``,
+``"torch (gsplat not installed)"``; a warning when a CUDA device renders with torch or the
+native kernel is unavailable), and :func:`record_render_backends` collects what rendered
+(evaluation writes it to ``metrics.json`` as ``render_backend``). The backends differ only in
+speed and float rounding; each one's tile size is its fastest (:data:`DEFAULT_TILE_SIZES`).
 
-Precision: gsplat's kernels are float32. Other floating inputs (float64, half) given to the
-gsplat backend are cast to float32 for the kernel, and the float outputs are cast back to the
-input dtype (gradients flow through the casts), so both backends return the input dtype; the
-gsplat result then has float32 precision. The torch backend computes in the input dtype.
+Precision: the gsplat and native kernels are float32. Other floating inputs (float64, half)
+given to those backends are cast to float32 for the kernel, and the float outputs are cast back
+to the input dtype (gradients flow through the casts), so every backend returns the input
+dtype; the result then has float32 precision. The torch backend computes in the input dtype.
 
 Inputs with NaN/Inf, or opacities outside [0, 1], raise :class:`GaussianRasterizationError`
 instead of silently vanishing.
@@ -75,12 +82,17 @@ from torch import Tensor
 
 from headkit.encodings import eval_sh
 
+from . import gaussians_native
+from .gaussians_native import native_load_error
+from .gaussians_native import rasterize_tiles as rasterize_tiles_native
 from .gaussians_project import camera_centers, project_gaussians
 from .gaussians_torch import rasterize_tiles
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "gsplat")
+BACKENDS = ("auto", "native", "torch", "gsplat")
+#: tile side of each backend when ``tile_size`` is None (the fastest measured)
+DEFAULT_TILE_SIZES = {"torch": 4, "native": gaussians_native.DEFAULT_TILE_SIZE, "gsplat": 16}
 EPS2D = 0.3
 #: gsplat releases whose kernels follow the image formation above (major, minor)
 GSPLAT_SUPPORTED = (1, 5)
@@ -117,8 +129,9 @@ def rasterize_gaussians(
             ``sh_degree`` is given.
         viewmats: world-to-camera matrices (OpenCV axes); ``Ks``: pinhole intrinsics.
         backgrounds: ``[C, D]`` colours added as ``T_final * bg``; ``None`` means black.
-        backend: ``"auto"``, ``"torch"`` or ``"gsplat"`` (see module docstring).
-        tile_size: tile side in pixels; ``None`` picks 4 for torch and 16 for gsplat. Only
+        backend: ``"auto"``, ``"native"``, ``"torch"`` or ``"gsplat"`` (module docstring).
+        tile_size: tile side in pixels; ``None`` picks the backend's
+            (:data:`DEFAULT_TILE_SIZES`: 4 for torch, 8 for native, 16 for gsplat). Only
             speed and memory depend on it.
 
     Returns:
@@ -126,27 +139,48 @@ def rasterize_gaussians(
         ``alphas [C, H, W, 1]`` and ``info`` with ``radii [C, N, 2]`` int32 (0 = culled),
         ``means2d [C, N, 2]``, ``depths [C, N]`` (camera z), ``visible [C, N]`` bool,
         ``conics [C, N, 3]`` and ``backend`` (the one that ran). Float outputs have the
-        inputs' dtype on both backends.
+        inputs' dtype on every backend.
     """
     _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
                   sh_degree, backgrounds, near_plane, far_plane, backend, tile_size)
     width, height = int(width), int(height)
-    if backend == "auto":
-        backend, reason = auto_backend(means.device)
-        _note_backend(reason, log_as=log.warning if means.is_cuda and backend == "torch" else log.info)
-    else:
-        _note_backend(f"{backend} (backend={backend!r})", log_as=None)
+    backend = _choose_backend(backend, means)
+    args = (means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
+            backgrounds, near_plane, far_plane, tile_size or DEFAULT_TILE_SIZES[backend])
     if backend == "gsplat":
-        return _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width,
-                                 height, sh_degree, backgrounds, near_plane, far_plane,
-                                 tile_size or 16)
-    return _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width,
-                            height, sh_degree, backgrounds, near_plane, far_plane,
-                            tile_size or 4)
+        return _rasterize_gsplat(*args)
+    return _rasterize_tiled(*args, backend=backend)
 
 
-def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-                     sh_degree, backgrounds, near_plane, far_plane, tile_size):
+def _choose_backend(backend: str, means: Tensor) -> str:
+    """The backend that renders for the requested one, noted (and logged) with the reason."""
+    if backend == "auto":
+        backend, reason = auto_backend(means.device, means.dtype)
+        warn = backend == "torch" and (means.is_cuda or native_load_error() is not None)
+        _note_backend(reason, log_as=log.warning if warn else log.info)
+        return backend
+    if backend == "native":
+        if means.device.type != "cpu":
+            raise GaussianRasterizationError(
+                f"backend='native' needs CPU tensors, got means on {means.device}; "
+                "use backend='auto' (gsplat on CUDA)")
+        error = native_load_error()
+        if error is not None:
+            _note_backend(f"torch (backend='native': native kernel unavailable: {error})",
+                          log_as=log.warning, requested="native")
+            return "torch"
+    _note_backend(f"{backend} (backend={backend!r})", log_as=None)
+    return backend
+
+
+def _compositor(backend: str) -> Callable:
+    """``rasterize_tiles`` of a tiled backend (looked up per call, so benchmarks can wrap it)."""
+    return {"torch": rasterize_tiles, "native": rasterize_tiles_native}[backend]
+
+
+def _rasterize_tiled(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                     sh_degree, backgrounds, near_plane, far_plane, tile_size, backend):
+    """The torch and native backends: torch projection, then the backend's compositing."""
     means2d, conics, depths, radii = project_gaussians(
         means, quats, scales, opacities, viewmats, Ks, width, height,
         near_plane=near_plane, far_plane=far_plane, eps2d=EPS2D)
@@ -160,13 +194,13 @@ def _rasterize_torch(means, quats, scales, opacities, colors, viewmats, Ks, widt
     D = colors.shape[-1]
     # Depth and a constant 1 ride along as extra channels: one pass gives colour, depth, alpha.
     features = torch.cat([colors, depths[..., None], torch.ones_like(depths)[..., None]], -1)
-    images = rasterize_tiles(means2d, conics, opacities, features, depths, radii, width,
-                             height, tile_size=tile_size)  # [C, H, W, D + 2]
+    images = _compositor(backend)(means2d, conics, opacities, features, depths, radii, width,
+                                  height, tile_size=tile_size)  # [C, H, W, D + 2]
     out_colors, out_depths, out_alphas = images.split([D, 1, 1], dim=-1)
     if backgrounds is not None:
         out_colors = out_colors + (1.0 - out_alphas) * backgrounds[:, None, None, :]
     info = {"radii": radii, "means2d": means2d, "depths": depths,
-            "visible": (radii > 0).all(-1), "conics": conics, "backend": "torch"}
+            "visible": (radii > 0).all(-1), "conics": conics, "backend": backend}
     return out_colors, out_depths, out_alphas, info
 
 
@@ -242,20 +276,31 @@ def gsplat_available() -> bool:
     return _gsplat_load_error() is None
 
 
-def auto_backend(device: torch.device | str) -> tuple[str, str]:
-    """The backend ``backend="auto"`` renders tensors on ``device`` with, and why.
+def auto_backend(device: torch.device | str,
+                 dtype: torch.dtype = torch.float32) -> tuple[str, str]:
+    """The backend ``backend="auto"`` renders tensors on ``device`` of ``dtype`` with, and why.
 
-    Returns ``(backend, reason)``, ``backend`` ``"gsplat"`` or ``"torch"`` and ``reason`` a
-    short string starting with it: ``"gsplat (CUDA)"``, ``"torch (no CUDA device)"``,
-    ``"torch (tensors on cpu, not CUDA)"`` (CUDA exists but the data is elsewhere),
+    Returns ``(backend, reason)``, ``backend`` ``"gsplat"``, ``"native"`` or ``"torch"`` and
+    ``reason`` a short string starting with it: ``"gsplat (CUDA)"``, ``"native (no CUDA
+    device)"``, ``"native (tensors on cpu, not CUDA)"`` (CUDA exists but the data is
+    elsewhere), ``"torch (no CUDA device; float64 inputs, the native kernel is float32)"``,
+    ``"torch (no CUDA device; native kernel unavailable: no C compiler found ...)"``,
     ``"torch (gsplat not installed)"``, ``"torch (gsplat 1.4.0 installed, 1.5.x needed ...)"``
-    or ``"torch (gsplat's CUDA extension failed to load (...))"``.
+    or ``"torch (gsplat's CUDA extension failed to load (...))"``. The first call on the CPU
+    may compile the native kernel.
     """
     device = torch.device(device)
     if device.type != "cuda":
-        if not torch.cuda.is_available():
-            return "torch", "torch (no CUDA device)"
-        return "torch", f"torch (tensors on {device.type}, not CUDA)"
+        where = ("no CUDA device" if not torch.cuda.is_available()
+                 else f"tensors on {device.type}, not CUDA")
+        if device.type != "cpu":
+            return "torch", f"torch ({where})"
+        if dtype != torch.float32:
+            return "torch", f"torch ({where}; {str(dtype)[6:]} inputs, the native kernel is float32)"
+        error = native_load_error()
+        if error is not None:
+            return "torch", f"torch ({where}; native kernel unavailable: {error})"
+        return "native", f"native ({where})"
     error = _gsplat_load_error()
     if error is None:
         return "gsplat", "gsplat (CUDA)"
@@ -267,9 +312,10 @@ _logged_backends: set[str] = set()
 _recorders: list[list[str]] = []
 
 
-def _note_backend(reason: str, log_as: Optional[Callable] = None) -> None:
+def _note_backend(reason: str, log_as: Optional[Callable] = None, requested: str = "auto") -> None:
     """Add ``reason`` to the active recorders; log it with ``log_as`` the first time (an
-    ``auto`` choice: a warning when CUDA tensors fall back to torch, else info)."""
+    ``auto`` choice: a warning when it falls back to torch (CUDA tensors, or no native kernel),
+    else info; ``backend="native"`` without its kernel: a warning)."""
     with _backend_lock:
         for seen in _recorders:
             if reason not in seen:
@@ -278,7 +324,7 @@ def _note_backend(reason: str, log_as: Optional[Callable] = None) -> None:
         if first:
             _logged_backends.add(reason)
     if first:
-        log_as("Gaussian splatting (backend=auto) renders with %s", reason)
+        log_as("Gaussian splatting (backend=%s) renders with %s", requested, reason)
 
 
 @contextmanager
