@@ -149,6 +149,10 @@ def test_ggo_drift_experiment_composes():
     assert default.data.generator.tracking_noise.correlation_s is None
     assert noggo.model.ggo.enabled is False and noggo.data.generator.tracking_noise == noise
     assert _parse_noise(dict(noise))["correlation_s"] == noise.correlation_s
+    # GGO tuned for drift (benchmarks/ggo_drift.md); the default experiment keeps its own settings
+    assert cfg.model.ggo.pose_side == "head" and default.model.ggo.pose_side == "right"
+    assert cfg.model.loss.ggo_reg.pose < default.model.loss.ggo_reg.pose
+    assert cfg.model.loss.ggo_reg.target == "offsets"
 
 
 @pytest.fixture(scope="module")
