@@ -14,7 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DepthFiLM", "DepthEnhancer"]
+__all__ = ["DepthFiLM", "DepthEnhancer", "dense_grad"]
+
+
+def dense_grad(x: Tensor) -> Tensor:  # [B, C, h, w]
+    """``x``, with its gradient made dense (in ``x``'s memory format) before it flows further back.
+
+    ``torch.cat``'s backward hands each input a channel slice of the concatenated gradient, a
+    non-dense tensor, and ``upsample_bilinear2d``'s CPU backward has no fast path for those: it
+    takes 3.2 ms instead of 0.6 ms (``[1, 32, 64, 64] -> 128²``, channels-last, one thread) for the
+    copy that this hook makes first. Values and gradients are bit-identical.
+    """
+    if x.requires_grad:
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        x.register_hook(lambda grad: grad.contiguous(memory_format=fmt))
+    return x
 
 
 class DepthFiLM(nn.Module):
@@ -180,6 +194,6 @@ class DepthEnhancer(nn.Module):
             skips.append(x)
         for i, block in enumerate(self.dec):
             skip = skips[self.num_down - 1 - i]
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = dense_grad(F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False))
             x = block(torch.cat([x, skip], dim=1), depth_at(skip.shape[-2:]))
         return self.out(x)

@@ -90,3 +90,52 @@ def test_bad_inputs_are_named():
         enh(images, depths[:, :4])
     with pytest.raises(ValueError, match="images"):
         enh(images.permute(0, 3, 1, 2), depths)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (13, 17)])
+def test_dense_upsampling_gradient_is_bit_identical(monkeypatch, size):
+    """``dense_grad`` (issue #15) only copies the gradient the skip concatenation hands to the
+    upsampling: outputs and every gradient equal the plain formulation bit for bit."""
+    import graphavatar.enhancer as enhancer
+
+    torch.manual_seed(0)
+    enh = DepthEnhancer(channels=(4, 8, 16), film_hidden=4, depth_offset=2.0, depth_scale=0.5)
+    perturb_(enh)
+    images, depths = inputs(2, *size)
+    r = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        x, d = images.clone().requires_grad_(True), depths.clone().requires_grad_(True)
+        out = enh(x, d)
+        grads = torch.autograd.grad((out * r).sum(), [x, d, *enh.parameters()])
+        return [out, *grads]
+
+    new = run()
+    monkeypatch.setattr(enhancer, "dense_grad", lambda x: x)  # the formulation before issue #15
+    old = run()
+    for a, b in zip(new, old):
+        assert torch.equal(a, b)
+
+
+def test_dense_grad_copies_a_strided_gradient_into_the_tensors_format():
+    from graphavatar.enhancer import dense_grad
+
+    seen = []
+
+    class Probe(torch.autograd.Function):  # records the layout of the gradient that reaches it
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(g.is_contiguous(memory_format=torch.channels_last))
+            return g
+
+    x = torch.randn(1, 4, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad = torch.randn(1, 7, 5, 6).contiguous(memory_format=torch.channels_last)
+    for wrap in (lambda t: t, dense_grad):
+        big = torch.cat([wrap(Probe.apply(x)), torch.zeros(1, 3, 5, 6)], dim=1)
+        (gx,) = torch.autograd.grad(big, [x], grad)
+        assert torch.equal(gx, grad[:, :4])  # the value passes unchanged
+    assert seen == [False, True]  # the cat's channel slice is not dense; dense_grad makes it so

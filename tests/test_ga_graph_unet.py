@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch_geometric.nn import ChebConv
 
-from graphavatar.graph_unet import (AppearanceHead, GeometryHead, GraphUNet, cheb_filter,
+from graphavatar.graph_unet import (AppearanceHead, GeometryHead, GraphUNet, SparseMatrix, cheb_filter,
                                     scaled_laplacian, sparse_apply)
 from graphavatar.sampling import build_mesh_hierarchy
 from headkit.mesh import icosphere
@@ -202,3 +202,107 @@ def test_insta_settings_on_a_5023_vertex_mesh_fit_the_size_budget():
     # Nothing template-derived (D, U, edges) is stored in the state dict.
     assert all(not t.is_sparse for t in geo.state_dict().values())
     assert math.isclose(sum(t.numel() for t in geo.state_dict().values()), n_geo)
+
+
+# ----------------------------------------------- the COO formulation before issue #15 (reference)
+def old_sparse_apply(matrix, x):  # sparse COO [M, N], [B, N, C]
+    """``sparse_apply`` before issue #15: COO ``torch.sparse.mm``, autograd's own backward."""
+    b, n, c = x.shape
+    flat = x.transpose(0, 1).reshape(n, b * c)
+    return torch.sparse.mm(matrix, flat).reshape(matrix.shape[0], b, c).transpose(0, 1)
+
+
+def old_cheb_filter(conv, x, laplacian):  # ChebConv, [B, V, C], sparse COO [V, V]
+    """``cheb_filter`` before issue #15: COO products, terms stacked and contracted by einsum."""
+    b, v, c = x.shape
+    t_prev = x.transpose(0, 1).reshape(v, b * c)
+    terms = [t_prev]
+    if len(conv.lins) > 1:
+        t_cur = torch.sparse.mm(laplacian, t_prev)
+        terms.append(t_cur)
+        for _ in range(2, len(conv.lins)):
+            t_prev, t_cur = t_cur, 2.0 * torch.sparse.mm(laplacian, t_cur) - t_prev
+            terms.append(t_cur)
+    stacked = torch.stack(terms).reshape(len(terms), v, b, c)
+    weights = torch.stack([lin.weight for lin in conv.lins])  # [K, C_out, C_in]
+    out = torch.einsum("kvbc,koc->bvo", stacked, weights)
+    return out + conv.bias if conv.bias is not None else out
+
+
+def _coo(matrix):
+    return matrix.csr().to_sparse_coo() if isinstance(matrix, SparseMatrix) else matrix
+
+
+def grads_of(fn, tensors, seed=0):
+    """Output of ``fn()`` and the gradients of ``<out, r>`` (r random) w.r.t. ``tensors``."""
+    out = fn()
+    r = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return out, torch.autograd.grad((out * r).sum(), tensors)
+
+
+# Compared in float64: the same sums in another order (CSR vs COO, one GEMM vs einsum) differ by
+# rounding only, ~1e-16 relative, where a wrong term would show at O(1).
+CLOSE = dict(atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("K,B", [(1, 2), (3, 1), (3, 3), (6, 2)])
+def test_cheb_filter_matches_the_old_coo_einsum_formulation(hierarchy, K, B):
+    torch.manual_seed(0)
+    conv = ChebConv(5, 7, K=K).double()
+    V = hierarchy.num_vertices[0]
+    lap = scaled_laplacian(hierarchy.edge_indices[0], V).double()
+    x = torch.randn(B, V, 5, dtype=torch.float64, requires_grad=True)
+    params = [x] + list(conv.parameters())
+    new, g_new = grads_of(lambda: cheb_filter(conv, x, SparseMatrix(lap)), params)
+    old, g_old = grads_of(lambda: old_cheb_filter(conv, x, lap), params)
+    torch.testing.assert_close(new, old, **CLOSE)
+    for a, b in zip(g_new, g_old):
+        torch.testing.assert_close(a, b, **CLOSE)
+    torch.testing.assert_close(cheb_filter(conv, x, lap), old, **CLOSE)  # a plain sparse tensor works too
+
+
+@pytest.mark.parametrize("which", ["downs", "ups"])
+def test_sparse_matrix_forward_and_backward_match_coo(hierarchy, which):
+    """Non-symmetric D and U: the backward must use ``A^T``."""
+    coo = getattr(hierarchy, which)[0].coalesce().double()
+    x = torch.randn(2, coo.shape[1], 4, dtype=torch.float64, requires_grad=True)
+    new, (g_new,) = grads_of(lambda: sparse_apply(SparseMatrix(coo), x), [x])
+    old, (g_old,) = grads_of(lambda: old_sparse_apply(coo, x), [x])
+    torch.testing.assert_close(new, old, **CLOSE)
+    torch.testing.assert_close(g_new, g_old, **CLOSE)
+    r = torch.randn(new.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(g_new, torch.einsum("mn,bmc->bnc", coo.to_dense(), r), **CLOSE)
+
+
+def test_unet_matches_the_old_path_outputs_and_every_gradient(hierarchy, monkeypatch):
+    import graphavatar.graph_unet as gu
+
+    torch.manual_seed(0)
+    head = AppearanceHead(hierarchy, sh_degree=1, expression_dim=4, filters=(8, 8), K=3)
+    perturb_(head)
+    head.double()
+    verts = hierarchy.vertices[0][None].repeat(2, 1, 1) + 0.01 * torch.randn(2, hierarchy.num_vertices[0], 3)
+    verts = verts.double()
+    expr = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    params = [expr] + list(head.parameters())
+    run = lambda: head(verts, expr)["sh_coeffs"]  # noqa: E731
+    new, g_new = grads_of(run, params)
+    monkeypatch.setattr(gu, "cheb_filter", lambda conv, x, lap: old_cheb_filter(conv, x, _coo(lap)))
+    monkeypatch.setattr(gu, "sparse_apply", lambda m, x: old_sparse_apply(_coo(m), x))
+    old, g_old = grads_of(run, params)
+    torch.testing.assert_close(new, old, **CLOSE)
+    for p, a, b in zip(["expression"] + [n for n, _ in head.named_parameters()], g_new, g_old):
+        assert a.abs().sum() > 0, p
+        torch.testing.assert_close(a, b, **CLOSE, msg=p)
+
+
+def test_sparse_matrix_moves_copies_and_stays_out_of_the_state_dict(hierarchy):
+    import copy
+
+    net = GraphUNet(hierarchy, 6, 3, filters=(8, 8), K=3)
+    x = torch.randn(1, hierarchy.num_vertices[0], 6)
+    out = net(x)["out"]
+    twin = copy.deepcopy(net).double()
+    assert twin.laplacians[0].csr().dtype == torch.float64
+    torch.testing.assert_close(twin(x.double(), None)["out"].float(), out)
+    assert not any("laplacians" in k or "downs" in k or "ups" in k for k in net.state_dict())
