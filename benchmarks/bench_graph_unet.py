@@ -49,41 +49,10 @@ import graphavatar.graph_unet as gu  # noqa: E402
 from headkit.data.dataset import FrameDataset  # noqa: E402
 from headkit.engine.trainer import build_method  # noqa: E402
 from headkit.mesh import vertex_normals  # noqa: E402
+from tests.graph_unet_reference import old_cheb_filter, old_sparse_apply  # noqa: E402
 
 
 # ------------------------------------------------------------------ the code before issue #15
-def old_sparse_apply(matrix, x):  # SparseMatrix (its COO copy) or sparse COO [M, N], [B, N, C]
-    b, n, c = x.shape
-    flat = x.transpose(0, 1).reshape(n, b * c)
-    return torch.sparse.mm(_coo(matrix), flat).reshape(matrix.shape[0], b, c).transpose(0, 1)
-
-
-def old_cheb_filter(conv, x, laplacian):  # ChebConv, [B, V, C], SparseMatrix or sparse COO [V, V]
-    laplacian = _coo(laplacian)
-    b, v, c = x.shape
-    t_prev = x.transpose(0, 1).reshape(v, b * c)
-    terms = [t_prev]
-    if len(conv.lins) > 1:
-        t_cur = torch.sparse.mm(laplacian, t_prev)
-        terms.append(t_cur)
-        for _ in range(2, len(conv.lins)):
-            t_prev, t_cur = t_cur, 2.0 * torch.sparse.mm(laplacian, t_cur) - t_prev
-            terms.append(t_cur)
-    stacked = torch.stack(terms).reshape(len(terms), v, b, c)
-    weights = torch.stack([lin.weight for lin in conv.lins])  # [K, C_out, C_in]
-    out = torch.einsum("kvbc,koc->bvo", stacked, weights)
-    return out + conv.bias if conv.bias is not None else out
-
-
-def _coo(matrix):
-    """The COO matrix the old code held as a buffer (made once per SparseMatrix, then cached)."""
-    if not isinstance(matrix, gu.SparseMatrix):
-        return matrix
-    if not hasattr(matrix, "_old_coo"):
-        matrix._old_coo = matrix.csr().to_sparse_coo().coalesce()
-    return matrix._old_coo
-
-
 @contextlib.contextmanager
 def code(version: str):
     """``"old"``: the pre-issue-#15 graph products and enhancer patched in; ``"new"``: as checked in."""

@@ -13,6 +13,7 @@ from graphavatar.graph_unet import (AppearanceHead, GeometryHead, GraphUNet, Spa
                                     scaled_laplacian, sparse_apply)
 from graphavatar.sampling import build_mesh_hierarchy
 from headkit.mesh import icosphere
+from tests.graph_unet_reference import old_cheb_filter, old_sparse_apply, to_coo
 
 
 @pytest.fixture(scope="module")
@@ -205,34 +206,6 @@ def test_insta_settings_on_a_5023_vertex_mesh_fit_the_size_budget():
 
 
 # ----------------------------------------------- the COO formulation before issue #15 (reference)
-def old_sparse_apply(matrix, x):  # sparse COO [M, N], [B, N, C]
-    """``sparse_apply`` before issue #15: COO ``torch.sparse.mm``, autograd's own backward."""
-    b, n, c = x.shape
-    flat = x.transpose(0, 1).reshape(n, b * c)
-    return torch.sparse.mm(matrix, flat).reshape(matrix.shape[0], b, c).transpose(0, 1)
-
-
-def old_cheb_filter(conv, x, laplacian):  # ChebConv, [B, V, C], sparse COO [V, V]
-    """``cheb_filter`` before issue #15: COO products, terms stacked and contracted by einsum."""
-    b, v, c = x.shape
-    t_prev = x.transpose(0, 1).reshape(v, b * c)
-    terms = [t_prev]
-    if len(conv.lins) > 1:
-        t_cur = torch.sparse.mm(laplacian, t_prev)
-        terms.append(t_cur)
-        for _ in range(2, len(conv.lins)):
-            t_prev, t_cur = t_cur, 2.0 * torch.sparse.mm(laplacian, t_cur) - t_prev
-            terms.append(t_cur)
-    stacked = torch.stack(terms).reshape(len(terms), v, b, c)
-    weights = torch.stack([lin.weight for lin in conv.lins])  # [K, C_out, C_in]
-    out = torch.einsum("kvbc,koc->bvo", stacked, weights)
-    return out + conv.bias if conv.bias is not None else out
-
-
-def _coo(matrix):
-    return matrix.csr().to_sparse_coo() if isinstance(matrix, SparseMatrix) else matrix
-
-
 def grads_of(fn, tensors, seed=0):
     """Output of ``fn()`` and the gradients of ``<out, r>`` (r random) w.r.t. ``tensors``."""
     out = fn()
@@ -287,8 +260,8 @@ def test_unet_matches_the_old_path_outputs_and_every_gradient(hierarchy, monkeyp
     params = [expr] + list(head.parameters())
     run = lambda: head(verts, expr)["sh_coeffs"]  # noqa: E731
     new, g_new = grads_of(run, params)
-    monkeypatch.setattr(gu, "cheb_filter", lambda conv, x, lap: old_cheb_filter(conv, x, _coo(lap)))
-    monkeypatch.setattr(gu, "sparse_apply", lambda m, x: old_sparse_apply(_coo(m), x))
+    monkeypatch.setattr(gu, "cheb_filter", lambda conv, x, lap: old_cheb_filter(conv, x, to_coo(lap)))
+    monkeypatch.setattr(gu, "sparse_apply", lambda m, x: old_sparse_apply(to_coo(m), x))
     old, g_old = grads_of(run, params)
     torch.testing.assert_close(new, old, **CLOSE)
     for p, a, b in zip(["expression"] + [n for n, _ in head.named_parameters()], g_new, g_old):

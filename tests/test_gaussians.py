@@ -32,6 +32,23 @@ def look_at(eye, target, dtype=torch.float32):
     return V
 
 
+def tiny_scene(dtype=torch.float64) -> dict:
+    """5 large, half-transparent Gaussians covering an 8x8 image, for finite-difference checks
+    (every alpha far from 1/255 and 0.999, transmittance far above 1e-4: the image is a smooth
+    function of the inputs). Keys: means, quats, scales, opacities, colors, viewmats, Ks."""
+    t = lambda rows: torch.tensor(rows, dtype=dtype)  # noqa: E731
+    return {
+        "means": t([[0.1, -0.1, 3.0], [-0.2, 0.1, 3.3], [0.0, 0.2, 3.6], [0.15, 0.05, 3.9], [-0.1, -0.15, 4.2]]),
+        "quats": t([[1.0, 0.1, 0.2, 0.0], [0.9, -0.2, 0.1, 0.3], [1.0, 0.0, 0.0, 0.5], [0.7, 0.3, -0.3, 0.1],
+                    [1.0, 0.2, 0.1, -0.2]]),
+        "scales": 5.0 * t([[0.8, 0.6, 0.5], [0.7, 0.9, 0.4], [0.6, 0.7, 0.8], [0.9, 0.5, 0.6], [0.7, 0.8, 0.7]]),
+        "opacities": t([0.5, 0.4, 0.6, 0.45, 0.55]),
+        "colors": torch.rand(5, 3, generator=torch.Generator().manual_seed(0), dtype=dtype),
+        "viewmats": look_at([0.2, -0.1, -0.5], [0.0, 0.0, 3.0], dtype)[None],
+        "Ks": t([[[6.0, 0.0, 4.1], [0.0, 6.5, 3.9], [0.0, 0.0, 1.0]]]),
+    }
+
+
 def random_scene(n=300, seed=0, dtype=torch.float32, channels=3, sh_degree=None,
                  opaque=False, width=W, height=H):
     """Two cameras around a cloud of Gaussians: some behind a camera, some off-screen."""
@@ -242,16 +259,9 @@ def test_gradients_when_only_some_inputs_require_grad():
 def test_gradcheck_tiny_scene():
     """Finite differences on 5 large, half-transparent Gaussians covering an 8x8 image."""
     dt = torch.float64
-    means = torch.tensor([[0.1, -0.1, 3.0], [-0.2, 0.1, 3.3], [0.0, 0.2, 3.6],
-                          [0.15, 0.05, 3.9], [-0.1, -0.15, 4.2]], dtype=dt)
-    quats = torch.tensor([[1.0, 0.1, 0.2, 0.0], [0.9, -0.2, 0.1, 0.3], [1.0, 0.0, 0.0, 0.5],
-                          [0.7, 0.3, -0.3, 0.1], [1.0, 0.2, 0.1, -0.2]], dtype=dt)
-    scales = 5.0 * torch.tensor([[0.8, 0.6, 0.5], [0.7, 0.9, 0.4], [0.6, 0.7, 0.8],
-                                 [0.9, 0.5, 0.6], [0.7, 0.8, 0.7]], dtype=dt)
-    opacities = torch.tensor([0.5, 0.4, 0.6, 0.45, 0.55], dtype=dt)
-    colors = torch.rand(5, 3, generator=torch.Generator().manual_seed(0), dtype=dt)
-    viewmats = look_at([0.2, -0.1, -0.5], [0.0, 0.0, 3.0], dt)[None]
-    Ks = torch.tensor([[[6.0, 0.0, 4.1], [0.0, 6.5, 3.9], [0.0, 0.0, 1.0]]], dtype=dt)
+    scene = tiny_scene(dt)
+    means, quats, scales, opacities, colors, viewmats, Ks = (scene[k] for k in (
+        "means", "quats", "scales", "opacities", "colors", "viewmats", "Ks"))
     bg = torch.tensor([[0.3, 0.6, 0.9]], dtype=dt)
 
     # Precondition: every pixel/Gaussian alpha is far from 1/255 and 0.999, and T >> 1e-4,

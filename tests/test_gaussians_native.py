@@ -12,7 +12,7 @@ from headkit.render.gaussians import auto_backend, rasterize_gaussians
 from headkit.render.gaussians_project import project_gaussians
 from headkit.render.gaussians_torch import rasterize_tiles as torch_tiles
 from tests.gaussian_reference import dense_render
-from tests.test_gaussians import look_at, random_scene
+from tests.test_gaussians import random_scene, tiny_scene
 
 pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
@@ -110,16 +110,9 @@ def test_finite_differences_tiny_scene():
     there: alphas far from 1/255 and 0.999). float64 inputs, float32 kernel: the step is large
     enough that float32 rounding stays far below the tolerance."""
     dt = torch.float64
-    means = torch.tensor([[0.1, -0.1, 3.0], [-0.2, 0.1, 3.3], [0.0, 0.2, 3.6],
-                          [0.15, 0.05, 3.9], [-0.1, -0.15, 4.2]], dtype=dt)
-    quats = torch.tensor([[1.0, 0.1, 0.2, 0.0], [0.9, -0.2, 0.1, 0.3], [1.0, 0.0, 0.0, 0.5],
-                          [0.7, 0.3, -0.3, 0.1], [1.0, 0.2, 0.1, -0.2]], dtype=dt)
-    scales = 5.0 * torch.tensor([[0.8, 0.6, 0.5], [0.7, 0.9, 0.4], [0.6, 0.7, 0.8],
-                                 [0.9, 0.5, 0.6], [0.7, 0.8, 0.7]], dtype=dt)
-    opacities = torch.tensor([0.5, 0.4, 0.6, 0.45, 0.55], dtype=dt)
-    colors = torch.rand(5, 3, generator=torch.Generator().manual_seed(0), dtype=dt)
-    viewmats = look_at([0.2, -0.1, -0.5], [0.0, 0.0, 3.0], dt)[None]
-    Ks = torch.tensor([[[6.0, 0.0, 4.1], [0.0, 6.5, 3.9], [0.0, 0.0, 1.0]]], dtype=dt)
+    scene = tiny_scene(dt)
+    means, quats, scales, opacities, colors, viewmats, Ks = (scene[k] for k in (
+        "means", "quats", "scales", "opacities", "colors", "viewmats", "Ks"))
     g = torch.Generator().manual_seed(1)
     weights = [torch.rand(1, 8, 8, k, generator=g, dtype=dt) for k in (3, 1, 1)]
 
