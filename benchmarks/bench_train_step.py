@@ -263,20 +263,27 @@ def old_configure_optimizers(model):
 
 @contextlib.contextmanager
 def code(version: str):
-    """``"old"``: the pre-issue-#15 photometric losses, finite checks, Adam and CPU splatting backend
-    (torch compositing; :func:`old_auto_backend`) patched in (for a model built before, the optimiser is
-    :func:`old_configure_optimizers`); ``"new"``: as checked in (``backend=auto``: native on the CPU)."""
+    """``"old"``: the pre-issue-#15 photometric losses, finite checks, Adam, CPU splatting backend
+    (torch compositing; :func:`old_auto_backend`), graph products (COO + einsum,
+    ``tests/graph_unet_reference.py``) and enhancer upsampling gradient patched in (for a model built
+    before, the optimiser is :func:`old_configure_optimizers`); ``"new"``: as checked in
+    (``backend=auto``: native on the CPU)."""
     if version == "new":
         yield
         return
+    import graphavatar.enhancer as ga_enhancer
+    import graphavatar.graph_unet as ga_unet
     import graphavatar.losses as ga_losses
     import graphavatar.model as ga_model
     import headkit.engine.trainer as trainer
+    from tests.graph_unet_reference import old_cheb_filter, old_sparse_apply
     slots = [(ga_losses, "photometric_losses", old_photometric_losses),
              (guards, "check_finite", old_check_finite), (guards, "check_finite_grads", old_check_finite_grads),
              (trainer, "check_finite", old_check_finite), (trainer, "check_finite_grads", old_check_finite_grads),
              (ga_model.GraphAvatar, "configure_optimizers", old_configure_optimizers),
-             (gaussians_module, "auto_backend", old_auto_backend)]
+             (gaussians_module, "auto_backend", old_auto_backend),
+             (ga_unet, "cheb_filter", old_cheb_filter), (ga_unet, "sparse_apply", old_sparse_apply),
+             (ga_enhancer, "dense_grad", lambda x: x)]
     saved = [getattr(owner, attr) for owner, attr, _ in slots]
     for owner, attr, value in slots:
         setattr(owner, attr, value)
