@@ -8,8 +8,9 @@ The model is built as ``scripts/train.py`` builds the default experiment: ``conf
 composed with Hydra's compose API (plus the subject's overrides), ``instantiate(cfg.data)`` and
 ``headkit.engine.trainer.build_method``, ``configure_optimizers``; untrained, no warm-up
 (``before_training`` is not run). Subjects: ``default`` (the synthetic subject, ~2.5k vertices,
-128x128) and ``11k`` (the ICT demo subject ``data/demo_ict_128c`` with ``experiment=video_subject``
-when present, else the synthetic subject with ``data.generator.num_vertices_target=11000``).
+128x128), ``11k`` (the ICT demo subject ``data/demo_ict_128c`` with ``experiment=video_subject``
+when present, else the synthetic subject with ``data.generator.num_vertices_target=11000``) and
+``11k_256`` (the same at 256x256: ``data/demo_ict_256``, else the synthetic subject at 256x256).
 
 One step is cut into stages at their tensor boundaries: each stage's outputs are detached into
 fresh leaves that the next stage consumes, so its forward and its backward (``torch.autograd
@@ -66,10 +67,11 @@ def subject_overrides(name: str) -> list[str]:
     """Hydra overrides of the benchmark subjects (module docstring)."""
     if name == "default":
         return []
-    ict = ROOT / "data" / "demo_ict_128c"
+    size = 256 if name == "11k_256" else 128
+    ict = ROOT / "data" / ("demo_ict_256" if size == 256 else "demo_ict_128c")
     if (ict / "subject.json").is_file():
         return ["experiment=video_subject", f"data.root={ict}"]
-    return ["data.generator.num_vertices_target=11000"]
+    return ["data.generator.num_vertices_target=11000", f"data.generator.width={size}", f"data.generator.height={size}"]
 
 
 def build(name: str, seed: int = 0, extra: tuple[str, ...] = ()):
@@ -401,7 +403,7 @@ def micro(threads: int, reps: int, seed: int) -> list[tuple[str, float, float]]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subjects", nargs="+", default=["default", "11k"], choices=["default", "11k"])
+    parser.add_argument("--subjects", nargs="+", default=["default", "11k"], choices=["default", "11k", "11k_256"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per version (after one discarded)")
     parser.add_argument("--reps", type=int, default=20, help="repeats per version of each --micro case")
