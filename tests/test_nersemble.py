@@ -97,13 +97,40 @@ def test_flame_layer_matches_the_textbook_reference(tmp_path):
     assert np.abs(rotated - ((m["v_template"] - J0) @ rodrigues_np(r).T + J0)).max() < 1e-7
 
 
+def test_flame_file_with_chumpy_arrays_loads_without_chumpy(tmp_path, monkeypatch):
+    """FLAME 2020-style pickles keep arrays as chumpy.ch.Ch objects; read their ``x`` without chumpy."""
+    import types
+    model = fx.random_flame_model(3)
+    ch = types.ModuleType("chumpy.ch")
+
+    class Ch:  # pickled as chumpy.ch.Ch with chumpy's attributes
+        def __init__(self, x):
+            self.x, self._dirty_vars, self._itr = x, set(), None
+    Ch.__module__, Ch.__qualname__ = "chumpy.ch", "Ch"
+    ch.Ch = Ch
+    monkeypatch.setitem(sys.modules, "chumpy", types.ModuleType("chumpy"))
+    monkeypatch.setitem(sys.modules, "chumpy.ch", ch)
+    stored = {k: (Ch(v) if k in ("v_template", "shapedirs", "posedirs") else v) for k, v in model.items()}
+    path = tmp_path / "generic_model.pkl"
+    path.write_bytes(pickle.dumps(stored, protocol=2))
+    monkeypatch.delitem(sys.modules, "chumpy.ch")
+    monkeypatch.delitem(sys.modules, "chumpy")
+    loaded = load_flame_file(path)
+    for key in ("v_template", "shapedirs", "posedirs", "weights"):
+        np.testing.assert_array_equal(loaded[key], model[key])
+    bare = tmp_path / "bare.pkl"  # a Ch without its array
+    bare.write_bytes(b"\x80\x02}q\x00(X\n\x00\x00\x00v_templateq\x01cchumpy.ch\nCh\nq\x02)\x81q\x03}q\x04bu.")
+    with pytest.raises(HeadModelError, match=r"bare\.pkl: not a FLAME model file"):
+        load_flame_file(bare)
+
+
 def test_flame_file_errors_name_the_file(tmp_path):
     with pytest.raises(HeadModelError, match=r"missing\.pkl: FLAME model file not found.*data\.flame_model"):
         load_flame_file(tmp_path / "missing.pkl")
-    # a pickle made with chumpy: refused with one line saying so, without chumpy installed
+    # a derived chumpy expression (needs chumpy to evaluate): refused with one line saying so
     chumpy = tmp_path / "chumpy.pkl"
-    chumpy.write_bytes(b"\x80\x02cchumpy.ch\nCh\nq\x00)\x81q\x01.")
-    with pytest.raises(HeadModelError, match=r"chumpy\.pkl: this FLAME pickle needs the 'chumpy' package"):
+    chumpy.write_bytes(b"\x80\x02cchumpy.ch_ops\nadd\nq\x00)\x81q\x01.")
+    with pytest.raises(HeadModelError, match=r"chumpy\.pkl: this FLAME pickle holds chumpy expressions"):
         load_flame_file(chumpy)
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"v_template": __import__("os").getcwd}))  # a callable: refused

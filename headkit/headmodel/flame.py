@@ -27,7 +27,9 @@ separate arguments, as FLAME_PyTorch's ``pose_params = [global, jaw]``, ``neck_p
 ``eye_pose = [left, right]`` do.
 
 Loading uses a restricted unpickler (numpy arrays and scipy sparse matrices only), so a model
-file cannot run code; old pickles that need ``chumpy`` are refused with one line saying so.
+file cannot run code. Older releases (FLAME 2020) store some arrays as ``chumpy.ch.Ch`` objects;
+those are read without chumpy from the array they keep (``x``); any other chumpy object (a
+derived expression, which would need chumpy to evaluate) is refused with one line saying so.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ FLAME_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "
 NUM_SHAPE_FLAME = 300
 
 
+_PLAIN_BUILTINS = {"object": object, "set": set, "frozenset": frozenset, "list": list, "dict": dict,
+                   "tuple": tuple}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickle numpy arrays/scalars and scipy sparse matrices; refuse everything else.
 
@@ -59,6 +65,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _NUMPY = {("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")}
 
     def find_class(self, module: str, name: str):
+        if module == "chumpy.ch" and name == "Ch":
+            return _ChumpyArray
         if module.split(".")[0] == "chumpy":
             raise HeadModelError("needs chumpy")
         if module.startswith("numpy"):
@@ -72,8 +80,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "copyreg" and name == "_reconstructor":
             import copyreg
             return copyreg._reconstructor
-        if module == "builtins" and name == "object":
-            return object
+        if module in ("builtins", "__builtin__") and name in _PLAIN_BUILTINS:
+            return _PLAIN_BUILTINS[name]  # data containers only (chumpy's state holds sets)
         if module == "_codecs" and name == "encode":  # protocol-2 pickles of bytes (array buffers)
             import _codecs
             return _codecs.encode
@@ -83,6 +91,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
             if isinstance(cls, type) and issubclass(cls, (sp.spmatrix, getattr(sp, "sparray", sp.spmatrix))):
                 return cls
         raise HeadModelError(f"holds '{module}.{name}', which a FLAME model file does not need")
+
+
+class _ChumpyArray:
+    """Stands in for ``chumpy.ch.Ch`` while unpickling: keeps the array ``x`` of its state."""
+
+    def __setstate__(self, state) -> None:
+        self.x = state.get("x") if isinstance(state, dict) else None
+
+
+def _dense(key: str, value) -> np.ndarray:
+    """A model entry as a dense array (scipy sparse, a chumpy array's ``x``, or array-like)."""
+    if isinstance(value, _ChumpyArray):
+        if not isinstance(value.x, np.ndarray):
+            raise HeadModelError(f"entry '{key}' is a chumpy object without an array")
+        value = value.x
+    return value.toarray() if hasattr(value, "toarray") else np.asarray(value)
 
 
 def load_flame_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -101,9 +125,8 @@ def load_flame_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raw = _RestrictedUnpickler(f, encoding="latin1").load()
     except HeadModelError as exc:
         if str(exc) == "needs chumpy":
-            raise HeadModelError(f"{path}: this FLAME pickle needs the 'chumpy' package (an old "
-                                 f"FLAME release); use a chumpy-free file such as FLAME 2023's "
-                                 f"flame2023.pkl") from None
+            raise HeadModelError(f"{path}: this FLAME pickle holds chumpy expressions that need the "
+                                 f"'chumpy' package to evaluate; use FLAME 2023's flame2023.pkl") from None
         raise HeadModelError(f"{path}: not a FLAME model file: it {exc}") from None
     except Exception as exc:
         raise HeadModelError(f"{path}: cannot read the FLAME model file ({type(exc).__name__}: "
@@ -115,8 +138,10 @@ def load_flame_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise HeadModelError(f"{path}: not a FLAME model file (missing {', '.join(missing)})")
     out = {}
     for key in FLAME_KEYS:
-        value = raw[key]
-        value = value.toarray() if hasattr(value, "toarray") else np.asarray(value)
+        try:
+            value = _dense(key, raw[key])
+        except HeadModelError as exc:
+            raise HeadModelError(f"{path}: not a FLAME model file: {exc}") from None
         out[key] = value.astype(np.int64 if key in ("f", "kintree_table") else np.float64)
     return out
 
