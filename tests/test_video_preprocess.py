@@ -506,7 +506,7 @@ def test_antialiased_masks_keep_edge_coverage_and_hard_masks_do_not(tmp_path):
     K = np.array([[120.0, 0, W / 2], [0, 120.0, H / 2], [0, 0, 1]])
     masks = {}
     for antialias in (True, False):
-        preprocess_video(video, tmp_path / f"out{antialias}", face, tiny_settings(mask_antialias=antialias),
+        preprocess_video(video, tmp_path / f"out{antialias}", face, tiny_settings(mask_antialias=antialias, mask_threshold=0.5),
                          tracker=FakeTracker(face, K, T), segmenter=fake_segmenter)
         masks[antialias] = load_subject_folder(tmp_path / f"out{antialias}").masks.astype(np.float64)
     soft, hard = masks[True], masks[False]

@@ -76,7 +76,7 @@ class VideoSettings:
     crop_sigma: float = 3.0
     crop_inside: bool = True
     image_size: int = 256
-    mask_threshold: float | None = 0.5
+    mask_threshold: float | None = None
     mask_antialias: bool = True
     segmenter_model: str | None = None
     segmenter_sha256: str | None = KNOWN_SEGMENTER_SHA256
