@@ -166,7 +166,7 @@ class GraphAvatar(Method):
         if ggo["enabled"]:
             self.ggo = GraphGuidedOptimization(2 * unet["latent"], E, num_heads=ggo["num_heads"],
                                                num_freqs=ggo["num_freqs"], dropout=ggo["dropout"],
-                                               shared_momentum=ggo.get("shared_momentum", 0.99))
+                                               shared_momentum=ggo["shared_momentum"])
         enhancer = cfg["enhancer"]
         self.enhancer = None
         if enhancer["enabled"]:

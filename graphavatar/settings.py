@@ -114,8 +114,7 @@ def _check(name: str, s: dict, p: str) -> None:
         need("pose_side", s["pose_side"] in POSE_SIDES, f"must be one of {', '.join(POSE_SIDES)}")
         need("num_freqs", isinstance(s["num_freqs"], int) and s["num_freqs"] >= 1, "must be an integer >= 1")
         need("num_heads", isinstance(s["num_heads"], int) and s["num_heads"] >= 1, "must be an integer >= 1")
-        need("shared_momentum", _number(s.get("shared_momentum", 0.99)) and 0 <= s.get("shared_momentum", 0.99) < 1,
-             "must be in [0, 1)")
+        need("shared_momentum", _number(s["shared_momentum"]) and 0 <= s["shared_momentum"] < 1, "must be in [0, 1)")
     elif name == "enhancer" and s["enabled"]:
         _positive_ints(f"{p}.channels", s["channels"])
         for key in ("depth_offset", "depth_scale"):
@@ -143,7 +142,7 @@ def _check(name: str, s: dict, p: str) -> None:
              "must be an integer >= 0")
         for key in ("pose", "expression"):
             need(f"ggo_reg.{key}", _number(s["ggo_reg"][key]) and s["ggo_reg"][key] >= 0, "must be >= 0")
-        need("ggo_reg.target", s["ggo_reg"].get("target", "offsets") in GGO_REG_TARGETS,
+        need("ggo_reg.target", s["ggo_reg"]["target"] in GGO_REG_TARGETS,
              f"must be one of {', '.join(GGO_REG_TARGETS)}")
         for hinge in ("offset_hinge", "scale_hinge"):
             need(f"{hinge}.weight", _number(s[hinge]["weight"]) and s[hinge]["weight"] >= 0, "must be >= 0")
