@@ -44,31 +44,16 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-import graphavatar.enhancer as enhancer_module  # noqa: E402
-import graphavatar.graph_unet as gu  # noqa: E402
 from headkit.data.dataset import FrameDataset  # noqa: E402
 from headkit.engine.trainer import build_method  # noqa: E402
 from headkit.mesh import vertex_normals  # noqa: E402
-from tests.graph_unet_reference import old_cheb_filter, old_sparse_apply  # noqa: E402
+from tests.graph_unet_reference import old_graph_code  # noqa: E402
 
 
 # ------------------------------------------------------------------ the code before issue #15
-@contextlib.contextmanager
 def code(version: str):
     """``"old"``: the pre-issue-#15 graph products and enhancer patched in; ``"new"``: as checked in."""
-    if version == "new":
-        yield
-        return
-    slots = [(gu, "cheb_filter", old_cheb_filter), (gu, "sparse_apply", old_sparse_apply),
-             (enhancer_module, "dense_grad", lambda x: x)]
-    saved = [getattr(mod, name) for mod, name, _ in slots]
-    for mod, name, fn in slots:
-        setattr(mod, name, fn)
-    try:
-        yield
-    finally:
-        for (mod, name, _), fn in zip(slots, saved):
-            setattr(mod, name, fn)
+    return old_graph_code() if version == "old" else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ workloads

@@ -44,6 +44,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -273,27 +274,20 @@ def code(version: str):
     if version == "new":
         yield
         return
-    import graphavatar.enhancer as ga_enhancer
-    import graphavatar.graph_unet as ga_unet
     import graphavatar.losses as ga_losses
     import graphavatar.model as ga_model
     import headkit.engine.trainer as trainer
-    from tests.graph_unet_reference import old_cheb_filter, old_sparse_apply
+    from tests.graph_unet_reference import old_graph_code
     slots = [(ga_losses, "photometric_losses", old_photometric_losses),
              (guards, "check_finite", old_check_finite), (guards, "check_finite_grads", old_check_finite_grads),
              (trainer, "check_finite", old_check_finite), (trainer, "check_finite_grads", old_check_finite_grads),
              (ga_model.GraphAvatar, "configure_optimizers", old_configure_optimizers),
-             (gaussians_module, "auto_backend", old_auto_backend),
-             (ga_unet, "cheb_filter", old_cheb_filter), (ga_unet, "sparse_apply", old_sparse_apply),
-             (ga_enhancer, "dense_grad", lambda x: x)]
-    saved = [getattr(owner, attr) for owner, attr, _ in slots]
-    for owner, attr, value in slots:
-        setattr(owner, attr, value)
-    try:
+             (gaussians_module, "auto_backend", old_auto_backend)]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(old_graph_code())
+        for owner, attr, value in slots:
+            stack.enter_context(mock.patch.object(owner, attr, value))
         yield
-    finally:
-        for (owner, attr, _), value in zip(slots, saved):
-            setattr(owner, attr, value)
 
 
 def fixed_seed_run(version: str, steps: int, run_dir: Path, threads: int) -> tuple[list[dict], dict]:

@@ -1,9 +1,12 @@
 """The graph U-Nets' sparse products as they were before issue #15 (COO ``torch.sparse.mm`` per
 product, Chebyshev terms stacked and contracted by ``einsum``): the reference that
-``tests/test_ga_graph_unet.py`` pins the CSR path against and ``benchmarks/bench_graph_unet.py``
-times it against."""
+``tests/test_ga_graph_unet.py`` pins the CSR path against and the benchmarks
+(``bench_graph_unet.py``, ``bench_train_step.py``) time it against."""
 
 from __future__ import annotations
+
+import contextlib
+from unittest import mock
 
 import torch
 
@@ -42,3 +45,15 @@ def old_cheb_filter(conv, x, laplacian):  # ChebConv, [B, V, C], SparseMatrix or
     weights = torch.stack([lin.weight for lin in conv.lins])  # [K, C_out, C_in]
     out = torch.einsum("kvbc,koc->bvo", stacked, weights)
     return out + conv.bias if conv.bias is not None else out
+
+
+@contextlib.contextmanager
+def old_graph_code():
+    """Patch in the graph products and the enhancer's upsampling gradient as they were before
+    issue #15 (COO + einsum; no :func:`graphavatar.enhancer.dense_grad`); restored on exit."""
+    import graphavatar.enhancer as enhancer
+    import graphavatar.graph_unet as gu
+    with mock.patch.object(gu, "cheb_filter", old_cheb_filter), \
+            mock.patch.object(gu, "sparse_apply", old_sparse_apply), \
+            mock.patch.object(enhancer, "dense_grad", lambda x: x):
+        yield
