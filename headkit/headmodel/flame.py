@@ -21,10 +21,10 @@ The forward pass (FLAME's paper, eq. 1-4; the same as FLAME_PyTorch's ``lbs``)::
     G_j      = G_parent(j) [R(θ_j) | J_j - J_parent(j)] world transform of joint j (G_root = [R(θ_0) | J_0])
     v        = Σ_j w_vj (G_j [I | -J_j]) v_posed         linear blend skinning
 
-with ``R(·)`` Rodrigues' formula on axis-angle vectors. The joints are FLAME's: 0 global (root),
-1 neck, 2 jaw, 3 left eye, 4 right eye; :meth:`FLAME.forward` takes them in that order from
-separate arguments, as FLAME_PyTorch's ``pose_params = [global, jaw]``, ``neck_pose``,
-``eye_pose = [left, right]`` do.
+with ``R(·)`` Rodrigues' formula on axis-angle vectors (:func:`headkit.cameras.so3_exp`). The
+joints are FLAME's: 0 global (root), 1 neck, 2 jaw, 3 left eye, 4 right eye;
+:meth:`FLAME.forward` takes them in that order from separate arguments, as FLAME_PyTorch's
+``pose_params = [global, jaw]``, ``neck_pose``, ``eye_pose = [left, right]`` do.
 
 Loading uses a restricted unpickler (numpy arrays and scipy sparse matrices only), so a model
 file cannot run code. Older releases (FLAME 2020) store some arrays as ``chumpy.ch.Ch`` objects;
@@ -42,9 +42,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from headkit.cameras import so3_exp
 from headkit.headmodel.model import HeadModelError
 
-__all__ = ["FLAME", "load_flame_file", "rodrigues", "lbs", "FLAME_KEYS", "NUM_SHAPE_FLAME"]
+__all__ = ["FLAME", "load_flame_file", "lbs", "FLAME_KEYS", "NUM_SHAPE_FLAME"]
 
 #: entries every FLAME model file must hold
 FLAME_KEYS = ("v_template", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table", "f")
@@ -146,19 +147,6 @@ def load_flame_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def rodrigues(axis_angles: Tensor) -> Tensor:  # [..., 3] -> [..., 3, 3]
-    """Rotation matrices from axis-angle vectors (Rodrigues' formula), exact at zero angle:
-    ``R = I + sin θ K + (1 - cos θ) K²`` with ``K`` the cross-product matrix of the unit axis."""
-    angle = axis_angles.norm(dim=-1, keepdim=True)  # [..., 1]
-    axis = axis_angles / angle.clamp_min(1e-12)
-    x, y, z = axis.unbind(-1)
-    zero = torch.zeros_like(x)
-    K = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(*x.shape, 3, 3)
-    s, c = torch.sin(angle)[..., None], torch.cos(angle)[..., None]
-    eye = torch.eye(3, dtype=axis_angles.dtype, device=axis_angles.device)
-    return eye + s * K + (1 - c) * (K @ K)
-
-
 def joint_transforms(rotations: Tensor,  # [B, J, 3, 3]
                      joints: Tensor,  # [B, J, 3]
                      parents: list[int],  # [J], parents[0] = -1
@@ -249,7 +237,7 @@ class FLAME(nn.Module):
         poses = [global_rotation, neck, jaw]
         poses = [zeros if p is None else p for p in poses]
         poses += list((shape.new_zeros(B, 6) if eyes is None else eyes).split(3, dim=-1))
-        rotations = rodrigues(torch.stack(poses, dim=1))  # [B, 5, 3, 3]
+        rotations = so3_exp(torch.stack(poses, dim=1))  # [B, 5, 3, 3] (Rodrigues)
         betas = torch.cat([shape, expression], dim=-1)  # [B, S+E]
         v_shaped = self.v_template + torch.einsum("vcl,bl->bvc", self.shapedirs, betas)
         return lbs(v_shaped, rotations, self.J_regressor, self.posedirs, self.weights, self.parents)
