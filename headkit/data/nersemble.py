@@ -165,14 +165,11 @@ def read_tracking(path: Path) -> dict[str, np.ndarray]:
 
 
 def euler_xyz(angles: np.ndarray) -> np.ndarray:  # [T, 3] -> [T, 3, 3]
-    """Rotation matrices of intrinsic XYZ Euler angles, ``R = Rx(a) Ry(b) Rz(c)`` (scipy's
-    ``Rotation.from_euler('XYZ')``, which the toolkit's ``Pose.from_euler`` calls)."""
-    c, s = np.cos(angles), np.sin(angles)
-    one, zero = np.ones(len(angles)), np.zeros(len(angles))
-    Rx = np.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], -1).reshape(-1, 3, 3)
-    Ry = np.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], -1).reshape(-1, 3, 3)
-    Rz = np.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], -1).reshape(-1, 3, 3)
-    return Rx @ Ry @ Rz
+    """Rotation matrices of intrinsic XYZ Euler angles, ``R = Rx(a) Ry(b) Rz(c)``: scipy's
+    ``Rotation.from_euler('XYZ')``, which the toolkit's ``Pose.from_euler`` calls."""
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_euler("XYZ", np.asarray(angles, np.float64)).as_matrix()
 
 
 def head_poses(tracking: dict[str, np.ndarray]) -> np.ndarray:  # [T, 4, 4]
