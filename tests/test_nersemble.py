@@ -148,6 +148,12 @@ def test_euler_xyz_is_intrinsic_like_scipy():
     rotation = pytest.importorskip("scipy.spatial.transform").Rotation
     angles = np.random.default_rng(0).normal(0, 0.7, (5, 3))
     assert np.allclose(euler_xyz(angles), rotation.from_euler("XYZ", angles).as_matrix(), atol=1e-12)
+    # independently of scipy: intrinsic XYZ is Rx(a) @ Ry(b) @ Rz(c)
+    a, b, c = 0.3, -0.5, 0.8
+    Rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    Ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    Rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    assert np.allclose(euler_xyz(np.array([[a, b, c]]))[0], Rx @ Ry @ Rz, atol=1e-12)
 
 
 def test_reader_gives_a_valid_subject_with_toolkit_geometry(bench):
