@@ -187,6 +187,28 @@ def test_ggo_pose_delta_changes_the_render_and_receives_gradient(subject):
         torch.testing.assert_close(model.get_outputs(batch)["image"], reference, atol=1e-5, rtol=0)
 
 
+def test_ggo_head_side_and_shared_penalty_through_the_model(subject):
+    # pose_side=head: the model refines camera-to-world as H exp(d) H^-1 c2w with the head pose H;
+    # ggo_reg.target=shared: the penalty is on the running mean of the offsets, not each frame's.
+    model = small_model(subject, neural_gaussians={"enabled": False}, ggo={"pose_side": "head"},
+                        loss={"ggo_reg": {"pose": 5.0, "expression": 0.0, "target": "shared"}}).train()
+    batch = train_batch(subject, (2,))
+    with torch.no_grad():
+        model.ggo.out_proj.bias[subject.expression_dim + 1] = 0.03
+    out = model.get_outputs(batch)
+    expected = torch.tensor([[0.0, 0.03, 0.0, 0.0, 0.0, 0.0]])
+    with torch.no_grad():
+        model.ggo.out_proj.bias[subject.expression_dim + 1] = 0.0
+        moved = {**batch, "camtoworld": apply_pose_delta(batch["camtoworld"], expected, side="head",
+                                                         head_poses=model.local_poses(batch))}
+        reference = model.get_outputs(moved)["image"]
+    torch.testing.assert_close(out["image"].detach(), reference, atol=1e-5, rtol=0)
+    # one training forward so far with a 0.03 offset: the running mean is (1 - 0.99) of it
+    torch.testing.assert_close(out["ggo_shared_pose"].detach(), 0.01 * expected[0], atol=1e-7, rtol=0)
+    losses = model.get_loss_dict(out, batch, 0)
+    assert losses["ggo_pose_reg"].item() == pytest.approx(5.0 * (0.01 * 0.03) ** 2 / 6, rel=1e-4)
+
+
 def test_head_and_world_input_spaces_render_the_same_initial_gaussians(subject):
     # At init every anchor sits on its vertex, isotropic, grey, opacity 0.1, in either frame, so
     # rendering in head space with viewmat @ head_pose must equal rendering in world space.
