@@ -279,3 +279,26 @@ def test_sparse_matrix_moves_copies_and_stays_out_of_the_state_dict(hierarchy):
     assert twin.laplacians[0].csr().dtype == torch.float64
     torch.testing.assert_close(twin(x.double(), None)["out"].float(), out)
     assert not any("laplacians" in k or "downs" in k or "ups" in k for k in net.state_dict())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_heads_on_cuda_match_the_cpu_outputs_and_gradients(hierarchy):
+    """The CSR products (int32 indices, cuSPARSE on CUDA) give the CPU's outputs and gradients."""
+    torch.manual_seed(0)
+    head = GeometryHead(hierarchy, expression_dim=4, filters=(8, 8), K=3)
+    perturb_(head)
+    head.double()
+    verts = (hierarchy.vertices[0][None].repeat(2, 1, 1) + 0.01 * torch.randn(2, hierarchy.num_vertices[0], 3)).double()
+    expr = torch.randn(2, 4, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        h = head.to(device)
+        e = expr.to(device).requires_grad_(True)
+        out = h(verts.to(device), e)
+        loss = sum((v.double() ** 2).sum() for v in out.values() if torch.is_tensor(v) and v.is_floating_point())
+        grads = torch.autograd.grad(loss, [e] + list(h.parameters()))
+        results.append(([v.cpu() for v in out.values() if torch.is_tensor(v)], [g.cpu() for g in grads]))
+    (out_cpu, g_cpu), (out_gpu, g_gpu) = results
+    for a, b in zip(out_cpu + g_cpu, out_gpu + g_gpu):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-8)
