@@ -16,6 +16,11 @@ frame ``t``'s target of:
   the target of t-1 itself, measuring how much of the frame-to-frame change is mesh motion.
 
 Warp columns are n/a for runs without a warp (DNR baselines).
+
+``--images FILE`` also writes a PNG for 3 test frames of the first run (the fastest, median and
+slowest head motion between t-1 and t, or ``--image-frames``), one row each, columns
+target t | G(t) | W1 | naive (G(t-1)) | |W1 - target| | |naive - target| (mean absolute RGB
+error times ``--gain``, default 4, clipped; the same scale for both).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from headkit.cameras import project_points
 from headkit.data.dataset import FrameDataset
 from headkit.engine.runs import load_run
 from headkit.metrics import psnr
+from headkit.motion_stats import frame_speeds, head_to_camera
 from headkit.render.mesh_raster import interpolate, rasterize_mesh
 
 COLUMNS = ["G", "W0", "W1", "naive", "G flow", "target flow", "target prev"]
@@ -87,12 +93,72 @@ def diagnose(run_dir: str | Path, num_frames: int = 30) -> dict[str, dict[str, f
     return result
 
 
+IMAGE_COLUMNS = ["target t", "G(t)", "W1 (cache t-1)", "naive G(t-1)", "|W1-target|", "|naive-target|"]
+
+
+def pick_image_frames(subject, dataset: FrameDataset) -> list[int]:
+    """Test-split positions ``i >= 1`` (frame ``i - 1`` is the previous video frame) with the
+    fastest, median and slowest head rotation between ``t-1`` and ``t``."""
+    ids = dataset.frame_ids
+    pos = [i for i in range(1, len(ids)) if ids[i] - ids[i - 1] == 1]
+    deg, _ = frame_speeds(head_to_camera(subject))
+    order = sorted(pos, key=lambda i: deg[ids[i] - 1])
+    return [order[-1], order[len(order) // 2], order[0]]
+
+
+@torch.no_grad()
+def comparison_image(run_dir: str | Path, out: str | Path, positions: list[int] | None = None,
+                     gain: float = 4.0) -> list[dict]:
+    """Write the ``--images`` PNG (see the module docstring); returns one dict per row with the
+    frame id, the head rotation from t-1 (deg) and the PSNRs of G, W1 and naive."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    run = load_run(run_dir, device="cpu")
+    subject, model = run.subject, run.model
+    if model.warp is None:
+        raise SystemExit(f"--images: {run_dir} has no warp (a DNR baseline); give a warp run first")
+    dataset = FrameDataset(subject, "test")
+    positions = positions or pick_image_frames(subject, dataset)
+    deg, _ = frame_speeds(head_to_camera(subject))
+    rows, info = [], []
+    for i in positions:
+        prev_b, cur_b = (model.frame_batch(dataset, [j], "cpu") for j in (i - 1, i))
+        prev, cur = model.encoder(prev_b), model.encoder(cur_b)
+        p_gen, p_cache = model.make_cache(prev)
+        gen, _ = model.make_cache(cur)
+        target, g, w1, naive = (x.clamp(0, 1)[0] for x in
+                                (cur.images, gen["images"], model.warp_frame(p_cache, cur), p_gen["images"]))
+        err = lambda x: ((x - target).abs().mean(-1, keepdim=True) * gain).clamp(0, 1).expand_as(x)  # noqa: E731
+        rows.append(torch.cat([target, g, w1, naive, err(w1), err(naive)], 1))
+        fid = int(dataset.frame_ids[i])
+        info.append({"frame": fid, "deg_from_prev": float(deg[fid - 1]),
+                     **{k: psnr(x[None], target[None]).item() for k, x in (("G", g), ("W1", w1), ("naive", naive))}})
+    grid = (torch.cat(rows, 0).numpy() * 255).round().astype(np.uint8)
+    W = rows[0].shape[1] // len(IMAGE_COLUMNS)
+    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + 14 + 12 * len(rows)), "white")
+    canvas.paste(Image.fromarray(grid), (0, 14))
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(IMAGE_COLUMNS):
+        draw.text((c * W + 2, 1), name + (f" x{gain:g}" if "|" in name else ""), fill="black")
+    for r, row in enumerate(info):
+        draw.text((2, grid.shape[0] + 16 + 12 * r),
+                  f"row {r + 1}: frame {row['frame']}, head turned {row['deg_from_prev']:.2f} deg since t-1; "
+                  f"PSNR G {row['G']:.2f}, W1 {row['W1']:.2f}, naive {row['naive']:.2f} dB", fill="black")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print (and optionally append) a markdown table per run; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+")
     p.add_argument("--frames", type=int, default=30, help="frames per split")
     p.add_argument("--out", help="append the markdown to this file")
+    p.add_argument("--images", help="write the W1-vs-naive PNG of the first run's test frames here")
+    p.add_argument("--image-frames", type=int, nargs=3, help="test-split positions for --images")
+    p.add_argument("--gain", type=float, default=4.0, help="error-map amplification for --images")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     lines = ["| run | split | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
@@ -102,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {Path(run).name} | {split} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
+    if args.images:
+        for row in comparison_image(args.runs[0], args.images, args.image_frames, args.gain):
+            print(f"{args.images}: frame {row['frame']} ({row['deg_from_prev']:.2f} deg from t-1): "
+                  f"PSNR G {row['G']:.2f}, W1 {row['W1']:.2f}, naive {row['naive']:.2f}")
     if args.out:
         with open(args.out, "a") as f:
             f.write(text + "\n")

@@ -181,6 +181,7 @@ class GraphAvatar(Method):
         self.register_buffer("template", torch.from_numpy(np.asarray(subject.template_vertices, np.float32)),
                              persistent=False)
         self.loss_fn = GraphAvatarLoss(**cfg["loss"], translation_unit=depth_normalisation(subject)[0])
+        self.static_avatar = False  # set per training batch by sample_train_batch (ggo.static_avatar_steps)
 
     # ----------------------------------------------------------------------------- stages
     def frame_head_poses(self, batch: dict[str, Tensor]) -> Tensor:
@@ -194,12 +195,29 @@ class GraphAvatar(Method):
             return torch.eye(4, device=batch["vertices"].device).expand(batch["vertices"].shape[0], 4, 4)
         return self.frame_head_poses(batch)
 
+    def sample_train_batch(self, dataset: FrameDataset, step: int, batch_size: int,
+                           device: torch.device) -> dict[str, Tensor]:
+        """Random training frames; also decides whether this step trains a static avatar.
+
+        ``ggo.static_avatar_steps`` (not in the paper; 0 = off): for the first N steps the U-Nets
+        see the template instead of the tracked mesh and the decoders no expression, so the
+        avatar is one static head and GGO's pose offsets are the only per-frame freedom. Slowly
+        drifting tracking errors (``experiment=ggo_drift``) must then be corrected by GGO, as in
+        bundle adjustment, before the U-Nets can absorb them as per-frame deformations. The step
+        comes from the trainer, so a resumed run continues in the right phase."""
+        ggo = self.settings["ggo"]
+        self.static_avatar = self.ggo is not None and step < ggo["static_avatar_steps"]
+        return super().sample_train_batch(dataset, step, batch_size, device)
+
     def encode(self, batch: dict[str, Tensor]) -> dict[str, Any]:
-        """Both U-Net encoders on the tracked mesh in the local frame: bottlenecks and skips."""
+        """Both U-Net encoders on the tracked mesh in the local frame: bottlenecks and skips
+        (on the template in every frame while a static avatar is trained)."""
         poses = self.local_poses(batch)
         vertices = batch["vertices"]
         if self.input_space == "head":
             vertices = transform_points(vertices, invert_rigid(poses))
+        if self.training and self.static_avatar:
+            vertices = self.template.expand_as(vertices)
         normals = vertex_normals(vertices, self.geometry.faces)
         z_geo, skips_geo = self.geometry.encode(vertices, normals)
         z_app, skips_app = self.appearance.encode(vertices, normals)
@@ -278,6 +296,8 @@ class GraphAvatar(Method):
         cam_to_local = invert_rigid(encoded["poses"]) @ c2w  # refined camera in the Gaussians' frame
         viewmats = invert_rigid(cam_to_local)
         centres = cam_to_local[:, :3, 3]
+        if self.training and self.static_avatar:
+            expressions = torch.zeros_like(expressions)
         anchors = self.anchors(encoded, expressions)
         children = None
         if self.neural is not None:

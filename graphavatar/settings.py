@@ -115,6 +115,8 @@ def _check(name: str, s: dict, p: str) -> None:
         need("num_freqs", isinstance(s["num_freqs"], int) and s["num_freqs"] >= 1, "must be an integer >= 1")
         need("num_heads", isinstance(s["num_heads"], int) and s["num_heads"] >= 1, "must be an integer >= 1")
         need("shared_momentum", _number(s["shared_momentum"]) and 0 <= s["shared_momentum"] < 1, "must be in [0, 1)")
+        need("static_avatar_steps", isinstance(s["static_avatar_steps"], int) and s["static_avatar_steps"] >= 0,
+             "must be an integer >= 0")
     elif name == "enhancer" and s["enabled"]:
         _positive_ints(f"{p}.channels", s["channels"])
         for key in ("depth_offset", "depth_scale"):

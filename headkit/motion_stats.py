@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["rigid_fit", "head_to_camera", "frame_speeds", "motion_stats", "PERCENTILES"]
+__all__ = ["rigid_fit", "head_to_camera", "frame_speeds", "motion_stats", "speed_stats", "PERCENTILES"]
 
 PERCENTILES = (50, 90, 99)
 
@@ -63,6 +63,22 @@ def frame_speeds(head_to_cam: np.ndarray, centre: np.ndarray | None = None) -> t
     return angles, np.linalg.norm(np.diff(points, axis=0), axis=-1)
 
 
+def speed_stats(head_to_cam: np.ndarray, fps: float, centre=None, percentiles=PERCENTILES,
+                unit_to_mm: float = 1000.0) -> dict:
+    """Speed percentiles of transforms ``[T, 4, 4]`` sampled at ``fps``: the keys of
+    :func:`motion_stats` without name/frames/fps (poses alone, e.g. ``head_motion``'s, no images)."""
+    angles, dists = frame_speeds(head_to_cam, centre)
+    dists = dists * unit_to_mm
+    out = {}
+    for p in percentiles:
+        out[f"rot_deg_per_frame_p{p}"] = float(np.percentile(angles, p))
+        out[f"trans_mm_per_frame_p{p}"] = float(np.percentile(dists, p))
+    for p in percentiles:
+        out[f"rot_deg_per_s_p{p}"] = out[f"rot_deg_per_frame_p{p}"] * float(fps)
+        out[f"trans_mm_per_s_p{p}"] = out[f"trans_mm_per_frame_p{p}"] * float(fps)
+    return out
+
+
 def motion_stats(subject, percentiles=PERCENTILES, unit_to_mm: float = 1000.0) -> dict:
     """Head speed percentiles of a :class:`~headkit.data.subject.Subject` over all consecutive frames.
 
@@ -71,14 +87,7 @@ def motion_stats(subject, percentiles=PERCENTILES, unit_to_mm: float = 1000.0) -
     subject's units (1000 for metres).
     """
     centre = np.asarray(subject.template_vertices, np.float64).mean(0)
-    angles, dists = frame_speeds(head_to_camera(subject), centre)
-    dists = dists * unit_to_mm
     fps = float(subject.fps)
     out = {"name": subject.name, "frames": int(subject.num_frames), "fps": fps}
-    for p in percentiles:
-        out[f"rot_deg_per_frame_p{p}"] = float(np.percentile(angles, p))
-        out[f"trans_mm_per_frame_p{p}"] = float(np.percentile(dists, p))
-    for p in percentiles:
-        out[f"rot_deg_per_s_p{p}"] = out[f"rot_deg_per_frame_p{p}"] * fps
-        out[f"trans_mm_per_s_p{p}"] = out[f"trans_mm_per_frame_p{p}"] * fps
+    out.update(speed_stats(head_to_camera(subject), fps, centre, percentiles, unit_to_mm))
     return out

@@ -209,6 +209,36 @@ def test_ggo_head_side_and_shared_penalty_through_the_model(subject):
     assert losses["ggo_pose_reg"].item() == pytest.approx(5.0 * (0.01 * 0.03) ** 2 / 6, rel=1e-4)
 
 
+def test_static_avatar_phase_leaves_ggo_pose_as_the_only_per_frame_freedom(subject):
+    # ggo.static_avatar_steps=2: steps 0-1 train one static head (template in, no expression), so two
+    # frames seen from the same camera and head pose render the same image; from step 2 on the tracked mesh returns.
+    model = small_model(subject, ggo={"static_avatar_steps": 2}).train()
+    perturb = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero heads, so the mesh and expression matter
+            p.add_(0.05 * torch.randn(p.shape, generator=perturb))
+    data = FrameDataset(subject, "train")
+    batch = data.batch([0, 5])
+    same_camera = {**batch, **{k: batch[k][:1].expand_as(batch[k]) for k in ("camtoworld", "head_pose", "time")}}
+
+    def anchors_and_image(step_number):
+        model.sample_train_batch(data, step_number, 1, torch.device("cpu"))
+        out = model.get_outputs(same_camera)
+        return out["anchor_offsets"].detach(), out["image"].detach()
+
+    offsets, image = anchors_and_image(1)
+    assert model.static_avatar
+    torch.testing.assert_close(offsets[0], offsets[1])
+    torch.testing.assert_close(image[0], image[1], atol=1e-5, rtol=0)
+    offsets, image = anchors_and_image(2)
+    assert not model.static_avatar
+    assert (offsets[0] - offsets[1]).abs().max() > 1e-4
+    model.eval()  # evaluation never renders the static head
+    model.static_avatar = True
+    with torch.no_grad():
+        assert (model.get_outputs(same_camera)["anchor_offsets"][0] - offsets[1]).abs().max() > 1e-4
+
+
 def test_head_and_world_input_spaces_render_the_same_initial_gaussians(subject):
     # At init every anchor sits on its vertex, isotropic, grey, opacity 0.1, in either frame, so
     # rendering in head space with viewmat @ head_pose must equal rendering in world space.
@@ -365,6 +395,8 @@ def test_invalid_values_name_the_key(subject):
     small_model(subject, neural_gaussians={"enabled": False, "num_offsets": 0})  # unused when disabled
     with pytest.raises(ConfigValueError, match=r"model\.ggo\.enabld"):
         small_model(subject, ggo={"enabld": False})
+    with pytest.raises(ConfigValueError, match=r"model\.ggo\.static_avatar_steps"):
+        small_model(subject, ggo={"static_avatar_steps": -1})
     with pytest.raises(ConfigValueError, match=r"model\.warmup\.loss"):
         small_model(subject, warmup={"loss": "huber"})
     with pytest.raises(ConfigValueError, match=r"model\.input_space"):

@@ -401,6 +401,13 @@ def test_composed_experiment_trains_end_to_end(tmp_path):
     assert rows["test"]["target prev"] == pytest.approx(np.mean([hand(images[i - 1], images[i]) for i in (1, 2)]),
                                                         rel=1e-5)
     assert rows["test"]["W1"] != rows["test"]["W0"]  # warping one frame ahead is not the cached frame itself
+    # --images: target | G | W1 | naive | two error maps per row, one row per chosen test frame
+    from PIL import Image
+    info = diagnosis.comparison_image(tmp_path / "run", tmp_path / "w1.png", [1, 2, 1])
+    assert [r["frame"] for r in info] == [int(test.frame_ids[i]) for i in (1, 2, 1)]
+    assert Image.open(tmp_path / "w1.png").size[0] == 6 * run.subject.width
+    assert np.mean([r["naive"] for r in info[:2]]) == pytest.approx(rows["test"]["naive"], rel=1e-4)
+    assert np.mean([r["W1"] for r in info[:2]]) == pytest.approx(rows["test"]["W1"], rel=1e-4)
     bare = tmp_path / "bare"
     bare.mkdir()
     with pytest.raises(FileNotFoundError, match="not a run folder"):

@@ -14,6 +14,7 @@ from headkit.data.subject import SubjectError
 from headkit.data.synthetic import (build_synthetic_head, expression_trajectories, generate_synthetic_subject,
                                     head_motion, render_head, shade_blinn_phong)
 from headkit.data.synthetic_head import EYE_X, EYE_Y, MOUTH_Y
+from headkit.data.synthetic_motion import burst_events, head_bursts, parse_bursts
 from headkit.data.synthetic_texture import MATERIALS
 from headkit.render.mesh_raster import rasterize_mesh
 
@@ -205,6 +206,90 @@ def test_motion_is_defined_in_seconds():
     b = generate_synthetic_subject(num_frames=7, fps=60.0, num_test=1, **small)
     np.testing.assert_array_equal(b.images[::2], a.images)
     np.testing.assert_allclose(b.vertices[::2], a.vertices, atol=1e-6)
+
+
+def test_default_motion_is_unchanged_by_the_burst_option():
+    """No bursts (the default) keeps today's poses bit for bit and the default subject's cache name."""
+    t = np.arange(300) / 30.0
+    poses = head_motion(t, seed=0)
+    # fingerprint of the poses before head_bursts existed (the same code path, seed 0)
+    assert poses[:, :3, :].sum() == pytest.approx(861.5204992176716, rel=1e-13)
+    assert poses[123, 0, 2] == pytest.approx(0.25848167234566033, rel=1e-13)
+    for off in (None, 0, {"rate_hz": 0.0, "deg": 30.0}):
+        np.testing.assert_array_equal(head_motion(t, 0, bursts=off), poses)
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from headkit.data.sources import synthetic_cache_dir
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        gen = OmegaConf.to_container(compose("train").data.generator)
+    assert "head_bursts" not in gen and synthetic_cache_dir("x", gen).name == "synthetic-7d835959cd"
+
+
+def test_bursts_have_the_requested_rate_and_size():
+    rate, deg, mm, hold = 0.5, 12.0, 6.0, 0.8
+    starts, holds, offsets = burst_events(seed=1, t_end=4000.0, rate_hz=rate, deg=deg, mm=mm, hold_s=hold)
+    assert len(starts) == pytest.approx(rate * 4000, rel=0.06)  # Poisson: 2000 ± 45
+    assert np.all(np.diff(starts) > 0) and np.diff(starts).mean() == pytest.approx(1 / rate, rel=0.06)
+    assert holds.mean() == pytest.approx(hold, rel=0.08)
+    rot, trans = np.degrees(np.linalg.norm(offsets[:, :3], axis=1)), 1e3 * np.linalg.norm(offsets[:, 3:], axis=1)
+    for size, want in ((rot, deg), (trans, mm)):
+        assert size.min() >= 0.5 * want - 1e-9 and size.max() <= 1.5 * want + 1e-9
+        assert size.mean() == pytest.approx(want, rel=0.03)
+    # roll (axis weight 0.5) moves less than yaw and pitch
+    assert np.abs(offsets[:, 2]).mean() < 0.7 * np.abs(offsets[:, :2]).mean()
+    # one isolated burst: out by its offset in duration_s, at peak speed 1.5 |a| / d, then back to 0
+    t = np.arange(0, 3000, 0.01)
+    b = head_bursts(t, seed=2, rate_hz=0.001, deg=deg, mm=mm, duration_s=0.4, hold_s=0.5)
+    starts, holds, offsets = burst_events(2, t.max() + 1.0, 0.001, deg, mm, 0.5)
+    t0, h0, a0 = starts[0], holds[0], offsets[0]
+    np.testing.assert_allclose(b[np.searchsorted(t, t0 + 0.4 + h0 / 2)], a0, atol=1e-12)
+    speed = np.linalg.norm(np.diff(b[:, :3], axis=0), axis=1) / 0.01
+    win = (t[1:] > t0) & (t[1:] < t0 + 0.4)
+    assert speed[win].max() == pytest.approx(1.5 * np.linalg.norm(a0[:3]) / 0.4, rel=1e-3)
+    assert np.all(b[(t > t0 + 0.8 + h0) & (t < starts[1])] == 0)
+
+
+def test_bursts_are_seeded_and_defined_in_seconds():
+    cfg = {"rate_hz": 0.6, "deg": 10.0, "mm": 5.0}
+    t30, t60 = np.arange(300) / 30.0, np.arange(600) / 60.0
+    a = head_motion(t30, 4, bursts=cfg)
+    np.testing.assert_array_equal(a, head_motion(t30, 4, bursts=cfg))
+    np.testing.assert_allclose(head_motion(t60, 4, bursts=cfg)[::2], a, atol=1e-12)
+    np.testing.assert_allclose(head_motion(np.arange(900) / 30.0, 4, bursts=cfg)[:300], a, atol=1e-12)
+    assert np.abs(a - head_motion(t30, 4)).max() > 0.01
+    assert np.abs(a - head_motion(t30, 5, bursts=cfg)).max() > 0.01
+    with pytest.raises(ValueError, match="unknown key.*speed"):
+        parse_bursts({"rate_hz": 1.0, "speed": 2.0})
+    with pytest.raises(ValueError, match="head_bursts.duration_s"):
+        generate_synthetic_subject(**TINY, head_bursts={"rate_hz": 1.0, "duration_s": 0.0})
+
+
+#: the demo clip's head speed (benchmarks/motion_stats.md, data/demo_ict_128c): deg/s and mm/s p50/p90/p99
+REAL_TALKING_SPEEDS = {"rot_deg_per_s": (9.1, 27.9, 74.4), "trans_mm_per_s": (17.2, 45.0, 66.9)}
+
+
+def test_talking_preset_matches_the_real_clip_speeds(head):
+    """experiment=neuralcache_talking: every deg/s and mm/s percentile within 25 % of the real clip's."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from headkit.motion_stats import speed_stats
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        gen = OmegaConf.to_container(compose("train", overrides=["experiment=neuralcache_talking"]).data.generator)
+    assert gen["fps"] == 30 and gen["num_frames"] == 300
+    poses = head_motion(np.arange(gen["num_frames"]) / gen["fps"], gen["seed"], gen["head_rotation_deg"],
+                        gen["head_translation"], gen["head_bursts"])
+    # the camera is fixed, so head-to-camera speeds equal head-to-world ones
+    centre = head.rest_vertices[:head.num_skin_vertices].double().mean(0).numpy()
+    stats = speed_stats(poses, gen["fps"], centre)
+    for key, targets in REAL_TALKING_SPEEDS.items():
+        for p, want in zip((50, 90, 99), targets):
+            assert stats[f"{key}_p{p}"] == pytest.approx(want, rel=0.25), (key, p)
 
 
 def test_untracked_geometry_shows_in_the_mask(subject):

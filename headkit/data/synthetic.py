@@ -32,7 +32,8 @@ from ..mesh import vertex_normals
 from ..render.mesh_raster import MeshRaster, interpolate, rasterize_mesh
 from .subject import Subject, holdout_split
 from .synthetic_head import build_extras, build_skin, head_grid, mouth_sector, skin_blendshapes
-from .synthetic_motion import correlation_sigma_frames, expression_trajectories, head_motion, smooth_noise
+from .synthetic_motion import (correlation_sigma_frames, expression_trajectories, head_motion, parse_bursts,
+                               smooth_noise)
 from .synthetic_texture import MATERIALS, SHININESS, paint_textures
 
 # Lights fixed in the world: (direction towards the light, intensity). The key light comes from
@@ -319,6 +320,7 @@ def generate_synthetic_subject(
     background: tuple[float, float, float] = (1.0, 1.0, 1.0),
     head_rotation_deg: tuple[float, float, float] = (30.0, 15.0, 10.0),
     head_translation: tuple[float, float, float] = (0.015, 0.012, 0.02),
+    head_bursts=None,
     tracking_noise=0,
     hair: bool = True,
     accessories: bool = True,
@@ -345,6 +347,10 @@ def generate_synthetic_subject(
             ``camera_height`` looking horizontally at the head (metres, degrees).
         background: RGB in [0, 1] of the constant background (white, as GraphAvatar's data).
         head_rotation_deg: bounds of |yaw|, |pitch|, |roll|; head_translation: bounds in metres.
+        head_bursts: None (default: the slow sinusoids alone), or a mapping of
+            :func:`~headkit.data.synthetic_motion.head_bursts` arguments (``rate_hz``, ``deg``,
+            ``mm``, ``duration_s``, ``hold_s``, ``axis_weights``): quick out-and-back nods/turns at
+            Poisson times on top of them, e.g. ``experiment=neuralcache_talking``.
         tracking_noise: 0, or a mapping with ``pose_rot_deg`` (std of the camera rotation error
             per axis, degrees), ``pose_trans`` (std of the camera translation error, metres) and
             ``expression`` (std of the additive expression error), and optionally
@@ -383,6 +389,7 @@ def generate_synthetic_subject(
     if len(background) != 3 or not all(0.0 <= float(c) <= 1.0 for c in background):
         raise ValueError(f"synthetic subject: background must be 3 values in [0, 1], got {background!r}")
     noise = _parse_noise(tracking_noise)
+    bursts = parse_bursts(head_bursts)
     if num_test is None:
         num_test = max(1, int(round(0.1 * num_frames)))
     train_ids, test_ids = holdout_split(num_frames, num_test, source=f"synthetic subject '{name}'")
@@ -390,7 +397,7 @@ def generate_synthetic_subject(
     head = build_synthetic_head(num_vertices_target, expression_dim, texture_resolution, seed,
                                 hair=hair, accessories=accessories, mouth_interior=mouth_interior)
     seconds = np.arange(num_frames) / float(fps)
-    head_poses = head_motion(seconds, seed, head_rotation_deg, head_translation)
+    head_poses = head_motion(seconds, seed, head_rotation_deg, head_translation, bursts)
     expressions = expression_trajectories(seconds, head.blendshape_names, seed)
     eye = torch.tensor([0.0, camera_height, camera_distance], dtype=torch.float64)
     c2w = look_at(eye, eye * torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)).numpy()
@@ -427,6 +434,7 @@ def generate_synthetic_subject(
     settings["background"] = [float(c) for c in background]
     settings["head_rotation_deg"] = [float(c) for c in head_rotation_deg]
     settings["head_translation"] = [float(c) for c in head_translation]
+    settings["head_bursts"] = bursts
     settings["tracking_noise"] = noise
     settings["num_test"] = int(num_test)
     meta = dict(

@@ -13,7 +13,8 @@ import numpy as np
 
 from .synthetic_head import smoothstep
 
-__all__ = ["head_motion", "expression_trajectories", "smooth_noise", "correlation_sigma_frames"]
+__all__ = ["head_motion", "head_bursts", "burst_events", "parse_bursts", "BURST_KEYS", "expression_trajectories",
+           "smooth_noise", "correlation_sigma_frames"]
 
 
 def _signal(rng: np.random.Generator, times: np.ndarray, f_lo: float, f_hi: float, n: int = 4) -> np.ndarray:
@@ -26,14 +27,95 @@ def _signal(rng: np.random.Generator, times: np.ndarray, f_lo: float, f_hi: floa
     return (amps * np.sin(2 * np.pi * freqs * times[:, None] + phases)).sum(-1) / amps.sum()
 
 
+#: keys of the ``bursts`` mapping (see :func:`head_bursts`) and their defaults
+BURST_KEYS = {"rate_hz": 0.0, "deg": 10.0, "mm": 5.0, "duration_s": 0.3, "hold_s": 0.8,
+              "axis_weights": (1.0, 1.0, 0.5)}
+
+
+def parse_bursts(bursts) -> dict | None:
+    """``None`` (no bursts: ``None``, ``0`` or ``rate_hz == 0``) or the full, validated mapping."""
+    if bursts is None or (not hasattr(bursts, "keys") and bursts == 0):
+        return None
+    if not hasattr(bursts, "keys"):
+        raise ValueError(f"head_bursts must be null or a mapping with keys {list(BURST_KEYS)}, got {bursts!r}")
+    unknown = sorted(set(bursts.keys()) - set(BURST_KEYS))
+    if unknown:
+        raise ValueError(f"head_bursts: unknown key(s) {unknown}; allowed: {list(BURST_KEYS)}")
+    out = {k: float(bursts.get(k, v)) for k, v in BURST_KEYS.items() if k != "axis_weights"}
+    out["axis_weights"] = [float(w) for w in bursts.get("axis_weights", BURST_KEYS["axis_weights"])]
+    bad = [k for k in ("rate_hz", "deg", "mm", "hold_s") if not (math.isfinite(out[k]) and out[k] >= 0)]
+    if not (math.isfinite(out["duration_s"]) and out["duration_s"] > 0):
+        bad.insert(0, "duration_s")
+    if len(out["axis_weights"]) != 3 or not all(math.isfinite(w) and w >= 0 for w in out["axis_weights"]):
+        bad.insert(0, "axis_weights")
+    if bad:
+        raise ValueError(f"head_bursts.{bad[0]} is out of range (durations > 0, rest >= 0, 3 axis weights): "
+                         f"got {out[bad[0]]!r}")
+    return None if out["rate_hz"] == 0 else out
+
+
+def burst_events(seed: int, t_end: float, rate_hz: float, deg: float, mm: float, hold_s: float,
+                 axis_weights=(1.0, 1.0, 0.5)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bursts starting before ``t_end`` seconds: ``(starts [K], holds [K], offsets [K, 6])``.
+
+    Starts are a Poisson process (exponential gaps of mean ``1 / rate_hz``); holds are
+    exponential with mean ``hold_s``; each offset is a rotation (yaw, pitch, roll in radians) of
+    norm ``deg · U(0.5, 1.5)`` along ``n ⊙ axis_weights`` (``n`` Gaussian) and a translation
+    (metres) of norm ``mm · U(0.5, 1.5)`` along a uniformly random direction. Events are drawn in
+    time order from the stream ``(seed, 11)`` with a fixed number of draws each, so a later
+    ``t_end`` only appends events.
+    """
+    rng, w = np.random.default_rng([seed, 11]), np.asarray(axis_weights, np.float64)
+    starts, holds, offsets = [], [], []
+    t = rng.exponential(1.0 / rate_hz) if rate_hz > 0 else np.inf
+    while t < t_end:
+        rot = rng.normal(size=3) * w
+        rot *= np.radians(deg) * rng.uniform(0.5, 1.5) / max(np.linalg.norm(rot), 1e-12)
+        trans = rng.normal(size=3)
+        trans *= 1e-3 * mm * rng.uniform(0.5, 1.5) / max(np.linalg.norm(trans), 1e-12)
+        starts.append(t)
+        holds.append(rng.exponential(hold_s) if hold_s > 0 else 0.0)
+        offsets.append(np.concatenate([rot, trans]))
+        t += rng.exponential(1.0 / rate_hz)
+    return np.asarray(starts), np.asarray(holds), np.asarray(offsets).reshape(-1, 6)
+
+
+def head_bursts(times: np.ndarray, seed: int = 0, rate_hz: float = 0.0, deg: float = 10.0, mm: float = 5.0,
+                duration_s: float = 0.3, hold_s: float = 0.8, axis_weights=(1.0, 1.0, 0.5)) -> np.ndarray:
+    """Quick out-and-back head movements: offsets ``[T, 6]`` (yaw, pitch, roll in radians; x, y, z in metres).
+
+    Talking heads mostly drift slowly but now and then nod or turn quickly; the sinusoids of
+    :func:`head_motion` never do, so their speed has no tail. Burst ``k`` (:func:`burst_events`)
+    starts at a Poisson time ``t_k``, moves by its offset ``a_k`` along a smoothstep
+    ``S(u) = 3u² - 2u³`` over ``d = duration_s`` seconds, holds it for ``h_k`` and moves back the
+    same way, so the head never drifts off::
+
+        b(t) = Σ_k a_k [S((t - t_k) / d) - S((t - t_k - d - h_k) / d)],   S clipped to [0, 1].
+
+    A move's peak speed is ``1.5 |a_k| / d`` and its mean ``|a_k| / d``. The events never depend
+    on the frame count or rate: a longer clip appends events and 60 fps samples the same ones.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    t_end = (times.max() if len(times) else 0.0) + 1.0
+    starts, holds, offsets = burst_events(seed, t_end, rate_hz, deg, mm, hold_s, axis_weights)
+    out = np.zeros((len(times), 6))
+    for t, hold, offset in zip(starts, holds, offsets):
+        profile = (smoothstep(t, t + duration_s, times)
+                   - smoothstep(t + duration_s + hold, t + 2 * duration_s + hold, times))
+        out += profile[:, None] * offset[None]
+    return out
+
+
 def head_motion(times: np.ndarray, seed: int = 0, rotation_deg=(30.0, 15.0, 10.0),
-                translation=(0.015, 0.012, 0.02)) -> np.ndarray:
+                translation=(0.015, 0.012, 0.02), bursts=None) -> np.ndarray:
     """Head-to-world poses ``[T, 4, 4]`` (float64) at ``times`` in seconds.
 
     ``R = R_y(yaw) R_x(pitch) R_z(roll)`` about the head origin (between the eyes) plus a
     translation; each angle/offset is its bound times a soft-saturated sum of 4 sinusoids of
     0.04-0.3 Hz normalised to [-1, 1], so the bounds are never exceeded and a 10 s clip
-    typically reaches 70-95 % of them.
+    typically reaches 70-95 % of them. ``bursts`` (a mapping of :func:`head_bursts` arguments,
+    or None) adds quick out-and-back nods/turns to the angles and offsets; None (default) leaves
+    the poses bit-identical to the sinusoids alone.
     """
     times = np.asarray(times, dtype=np.float64)
     rng = np.random.default_rng([seed, 10])
@@ -41,6 +123,10 @@ def head_motion(times: np.ndarray, seed: int = 0, rotation_deg=(30.0, 15.0, 10.0
     sat = lambda x: np.tanh(1.6 * x) / np.tanh(1.6)  # noqa: E731
     yaw, pitch, roll = (np.radians(b) * sat(_signal(rng, times, 0.04, 0.3)) for b in rotation_deg)
     offsets = np.stack([b * sat(_signal(rng, times, 0.03, 0.2)) for b in translation], -1)
+    bursts = parse_bursts(bursts)
+    if bursts is not None:
+        extra = head_bursts(times, seed, **bursts)
+        yaw, pitch, roll, offsets = yaw + extra[:, 0], pitch + extra[:, 1], roll + extra[:, 2], offsets + extra[:, 3:]
     c, s, one, zero = np.cos, np.sin, np.ones_like(times), np.zeros_like(times)
     Ry = np.stack([np.stack([c(yaw), zero, s(yaw)], -1), np.stack([zero, one, zero], -1),
                    np.stack([-s(yaw), zero, c(yaw)], -1)], -2)
