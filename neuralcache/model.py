@@ -124,7 +124,8 @@ class ImplicitWarpKind(WarpKind):
                             texture_channels=texture_channels, **sizes, **options)
 
     def make_cache(self, warp: nn.Module, generated: dict[str, Any], params: FrameParams) -> Cache:
-        return Cache({k: generated["features"][k] for k in warp.cached_layers}, params, None)
+        images = generated["images"] if warp.residual_image else None
+        return Cache({k: generated["features"][k] for k in warp.cached_layers}, params, images)
 
 
 class ExplicitWarpKind(WarpKind):

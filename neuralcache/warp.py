@@ -80,7 +80,8 @@ class Cache:
             5: [B, C5, H/2, W/2]}`` (``UNetGenerator(..., return_features=True)["features"]``);
             layers a warp does not use may be left out.
         params: θ_t, p_t, e_t, h_t and U_t of the cached frame.
-        images: ``[B, H, W, 3]`` G's image of frame t (needed only by :class:`ExplicitWarp`).
+        images: ``[B, H, W, 3]`` G's image of frame t (needed by :class:`ExplicitWarp` and by
+            :class:`ImplicitWarp` with ``residual_image``).
     """
 
     features: dict[int, Tensor]
@@ -287,6 +288,14 @@ class ImplicitWarp(nn.Module):
             changes Δp, Δθ, Δe, Δh, so W cannot key its output to the absolute pose and
             expression of training frames (a per-frame memory that does not carry to test
             frames) and has to render from the cache and the motion.
+        residual_image: not in the paper (False = eq. 3). True renders
+            ``I_{t+1} = σ(σ⁻¹(I_t) + W_2(...))``: W predicts a change of G's cached image ``I_t``
+            (``Cache.images``, cut from the graph: the image the viewer was shown) instead of
+            re-rendering the frame, and W2's convolution starts at zero, so an untrained W equals
+            the naive baseline (show ``I_t`` again). Motivation: on our subjects the paper's W
+            loses a few tenths of a dB to G even with no motion to bridge (W0 < G), which outweighs
+            what it gains on moving frames (``benchmarks/neuralcache_talking.md``). Needs
+            ``out_activation="sigmoid"``.
         norm: norm after W1 (see :func:`neuralcache.generators.make_norm`).
         out_activation: ``"sigmoid"`` or ``"none"``, as G's.
     """
@@ -299,7 +308,8 @@ class ImplicitWarp(nn.Module):
                  uv_modulation: int = 0, use_absolute: bool = True, use_texture: bool = False,
                  texture_channels: int = 16,
                  cached_layers: Sequence[int] = (3, 4, 5), sh_channel_start: int = 0,
-                 norm: str = "instance", out_channels: int = 3, out_activation: str = "sigmoid") -> None:
+                 residual_image: bool = False, norm: str = "instance", out_channels: int = 3,
+                 out_activation: str = "sigmoid") -> None:
         super().__init__()
         layers = tuple(sorted(set(int(k) for k in cached_layers)))
         if 3 not in layers or not set(layers) <= {3, 4, 5}:
@@ -335,9 +345,19 @@ class ImplicitWarp(nn.Module):
         w2_in = hidden + (self.channels[5] + extra if 5 in layers else 0)
         if out_activation not in ("sigmoid", "none"):
             raise ValueError(f"unknown out_activation {out_activation!r}; expected 'sigmoid' or 'none'")
-        act = nn.Sigmoid() if out_activation == "sigmoid" else nn.Identity()
+        if residual_image and (out_activation != "sigmoid" or out_channels != 3):
+            raise ValueError("residual_image needs out_activation='sigmoid' and out_channels=3 (it adds to "
+                             "the logits of G's RGB image)")
+        self.residual_image = bool(residual_image)
+        act = nn.Sigmoid() if out_activation == "sigmoid" and not residual_image else nn.Identity()
         self.w2 = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                                 nn.Conv2d(w2_in, out_channels, 3, padding=1), act)
+        self._zero_residual()
+
+    def _zero_residual(self) -> None:
+        if self.residual_image:  # W starts as the naive baseline
+            nn.init.zeros_(self.w2[1].weight)
+            nn.init.zeros_(self.w2[1].bias)
 
     def set_input_statistics(self, stats: dict[str, tuple[Tensor, Tensor, Tensor]]) -> None:
         """Standardise θ, p, e, h and their deltas (also the Δh of the SH skips) with training
@@ -345,10 +365,12 @@ class ImplicitWarp(nn.Module):
         self.cond.set_statistics(stats)
 
     def reset_parameters(self) -> None:
-        """Re-initialise M, W1 and W2 (torch defaults)."""
+        """Re-initialise M, W1 and W2 (torch defaults; with ``residual_image`` W2's convolution
+        starts at zero, so W starts as the naive baseline)."""
         for m in self.modules():
             if m is not self and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
+        self._zero_residual()
 
     def _modulate(self, feats: Tensor, dhs: Tensor) -> Tensor:  # [B, C, h, w], [B, 9]
         if not self.modulate_skips:
@@ -385,7 +407,13 @@ class ImplicitWarp(nn.Module):
         f1 = self.w1(torch.cat(x, dim=1))
         if 5 in self.cached_layers:
             f1 = torch.cat([f1, self._modulate(cache.features[5], dhs)], dim=1)
-        return {"images": self.w2(f1).permute(0, 2, 3, 1)}
+        out = self.w2(f1).permute(0, 2, 3, 1)  # [B, H, W, 3]
+        if self.residual_image:
+            if cache.images is None or cache.images.shape != out.shape:
+                raise ValueError(f"residual_image needs the cache's image {tuple(out.shape)} (G's image "
+                                 f"of frame t), got {None if cache.images is None else tuple(cache.images.shape)}")
+            out = torch.sigmoid(torch.logit(cache.images.detach(), eps=1e-4) + out)
+        return {"images": out}
 
 
 class ExplicitWarp(nn.Module):

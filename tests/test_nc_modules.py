@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -417,3 +419,24 @@ def test_warp_without_absolute_inputs_sees_only_the_deltas():
     moved = Cache(cache.features, FrameParams(**{**old.__dict__, "poses": old.poses + 1.0}))
     with torch.no_grad():
         torch.testing.assert_close(W(moved, shifted)["images"], W(cache, new)["images"])
+
+
+def test_residual_warp_starts_as_the_naive_image_and_learns_a_change():
+    W = _warp(residual_image=True)
+    cache, new = _cache(), _params(seed=9)
+    out = W(cache, new)["images"]
+    torch.testing.assert_close(out, cache.images, atol=1e-4, rtol=0)  # untrained W = naive baseline
+    W.train()
+    target = (cache.images + 0.2).clamp(0, 1)
+    opt = torch.optim.Adam(W.parameters(), lr=1e-2)
+    before = (W(cache, new)["images"] - target).abs().mean().item()
+    for _ in range(30):
+        loss = (W(cache, new)["images"] - target).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * before
+    with pytest.raises(ValueError, match="cache's image"):
+        W(replace(cache, images=None), new)
+    with pytest.raises(ValueError, match="residual_image needs"):
+        _warp(residual_image=True, out_activation="none")

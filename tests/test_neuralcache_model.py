@@ -205,6 +205,28 @@ def test_warp_output_shape_and_it_uses_the_deltas(subject):
         assert not torch.allclose(model.warp_frame(cache, moved), out), "W ignores ΔU"
 
 
+def test_residual_warp_starts_as_the_naive_baseline_and_trains(subject):
+    model = _model(subject, warp={"mlp_dim": 4, "residual_image": True})
+    data = FrameDataset(subject, "all")
+    model.eval()
+    with torch.no_grad():
+        src, new = model.encoder(model.frame_batch(data, [2], "cpu")), model.encoder(model.frame_batch(data, [3], "cpu"))
+        generated, cache = model.make_cache(src)
+        torch.testing.assert_close(cache.images, generated["images"])  # the cache carries G's image
+        torch.testing.assert_close(model.warp_frame(cache, new), generated["images"].clamp(1e-4, 1 - 1e-4))
+    model.train()
+    optimizer, _ = model.configure_optimizers()
+    batch = model.sample_train_batch(FrameDataset(subject, "train"), 0, 2, "cpu")
+    losses = model.get_loss_dict(model.get_outputs(batch), batch, 0)
+    optimizer.zero_grad()
+    torch.stack(list(losses.values())).sum().backward()
+    assert model.warp.w2[1].weight.grad.abs().sum() > 0  # the zero-initialised residual layer learns
+    optimizer.step()
+    with torch.no_grad():
+        model.eval()
+        assert not torch.allclose(model.warp_frame(cache, new), generated["images"].clamp(1e-4, 1 - 1e-4))
+
+
 def test_warp_inputs_are_standardised_with_training_statistics(subject):
     model = _model(subject)
     stats = model.encoder.conditioning_statistics(subject)
