@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from matplotlib.path import Path as Polygon
 
+from graphavatar.evaluation import rotation_errors_deg
 from headkit.data.dataset import FrameDataset
 from headkit.data.video.ict_fit import FACE_OVAL
 from headkit.engine.runs import load_run
@@ -55,10 +56,9 @@ def face_mask(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:  # 
 
 def rotation_gap_deg(poses: np.ndarray, queries: np.ndarray, references: np.ndarray) -> np.ndarray:
     """Per query frame, the geodesic angle (degrees) to the nearest reference frame's head rotation."""
-    r = poses[:, :3, :3]
-    rel = np.einsum("qji,rjk->qrik", r[queries], r[references])  # R_q^T R_r  [Q, R, 3, 3]
-    cos = np.clip((np.trace(rel, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
-    return np.degrees(np.arccos(cos)).min(axis=1)
+    r = torch.from_numpy(np.asarray(poses[:, :3, :3], dtype=np.float64))
+    angles = rotation_errors_deg(r[queries][:, None], r[references][None])  # [Q, R]
+    return angles.min(dim=1).values.numpy()
 
 
 @torch.no_grad()
