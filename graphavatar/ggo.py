@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from headkit.cameras import invert_rigid, perturb_pose
-from headkit.encodings import positional_encoding
+from headkit.encodings import FREQUENCY_SPACINGS, positional_encoding
 
 __all__ = ["GraphGuidedOptimization", "apply_pose_delta", "POSE_SIDES"]
 
@@ -45,7 +45,14 @@ class GraphGuidedOptimization(nn.Module):
         expression_dim: E.
         embed_dim: D (default ``bottleneck_dim``, as the authors); must divide by ``num_heads``.
         num_heads: attention heads (authors: 4).
-        num_freqs: frequencies of the time encoding ``[sin(2^k π t), cos(2^k π t)]`` (authors: 10).
+        num_freqs: frequencies of the time encoding ``[sin(f_k π t), cos(f_k π t)]`` (authors: 10).
+        frequency_spacing: ``"octave"`` (``f_k = 2^k``, the authors') or ``"linear"``
+            (``f_k = k + 1``: a Fourier series over the clip, not in the paper). With octaves the
+            upper frequencies alias to a pseudo-random code per frame (10 octaves over 300
+            frames: the finest period is about half a frame), so GGO can fit per-frame
+            photometric residuals rather than tracking drift; linear spacing represents every
+            smooth variation up to ``num_freqs / 2`` cycles over the clip and nothing finer
+            (``benchmarks/ggo_drift.md``).
         dropout: attention dropout (authors: 0.1; 0 keeps the refinement deterministic).
         shared_momentum: momentum ``β`` of the running mean of the offsets over the training
             frames (``shared_offset``), updated in training-mode forward passes (see
@@ -60,6 +67,7 @@ class GraphGuidedOptimization(nn.Module):
         embed_dim: int | None = None,
         num_heads: int = 4,
         num_freqs: int = 10,
+        frequency_spacing: str = "octave",
         dropout: float = 0.0,
         shared_momentum: float = 0.99,
     ) -> None:
@@ -72,7 +80,10 @@ class GraphGuidedOptimization(nn.Module):
             raise ValueError(f"GraphGuidedOptimization: need expression_dim >= 0 and num_freqs >= 1, "
                              f"got {expression_dim}, {num_freqs}")
         self.bottleneck_dim, self.expression_dim = bottleneck_dim, expression_dim
-        self.embed_dim, self.num_freqs = embed_dim, num_freqs
+        if frequency_spacing not in FREQUENCY_SPACINGS:
+            raise ValueError(f"GraphGuidedOptimization: frequency_spacing must be one of "
+                             f"{sorted(FREQUENCY_SPACINGS)}, got {frequency_spacing!r}")
+        self.embed_dim, self.num_freqs, self.frequency_spacing = embed_dim, num_freqs, frequency_spacing
         self.num_tokens = expression_dim + 6
         self.time_mlp = nn.Linear(2 * num_freqs, self.num_tokens * embed_dim)
         self.query_proj = nn.Linear(bottleneck_dim, embed_dim)
@@ -93,7 +104,8 @@ class GraphGuidedOptimization(nn.Module):
 
     def time_tokens(self, times: Tensor) -> Tensor:  # [B]
         """Temporal key/value tokens ``[B, E + 6, D]`` from normalised times in [0, 1]."""
-        enc = positional_encoding(times[:, None], self.num_freqs, include_input=False)  # [B, 2F]
+        enc = positional_encoding(times[:, None], self.num_freqs, include_input=False,
+                                  spacing=self.frequency_spacing)  # [B, 2F]
         return self.time_mlp(enc).reshape(times.shape[0], self.num_tokens, self.embed_dim)
 
     def forward(

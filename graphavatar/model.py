@@ -165,7 +165,8 @@ class GraphAvatar(Method):
         self.ggo = None
         if ggo["enabled"]:
             self.ggo = GraphGuidedOptimization(2 * unet["latent"], E, num_heads=ggo["num_heads"],
-                                               num_freqs=ggo["num_freqs"], dropout=ggo["dropout"],
+                                               num_freqs=ggo["num_freqs"], frequency_spacing=ggo["frequency_spacing"],
+                                               dropout=ggo["dropout"],
                                                shared_momentum=ggo["shared_momentum"])
         enhancer = cfg["enhancer"]
         self.enhancer = None

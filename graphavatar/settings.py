@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from headkit.encodings import FREQUENCY_SPACINGS
 from headkit.errors import InvalidConfigValue
 from headkit.render.gaussians import BACKENDS
 
@@ -113,6 +114,8 @@ def _check(name: str, s: dict, p: str) -> None:
     elif name == "ggo" and s["enabled"]:
         need("pose_side", s["pose_side"] in POSE_SIDES, f"must be one of {', '.join(POSE_SIDES)}")
         need("num_freqs", isinstance(s["num_freqs"], int) and s["num_freqs"] >= 1, "must be an integer >= 1")
+        need("frequency_spacing", s["frequency_spacing"] in FREQUENCY_SPACINGS,
+             f"must be one of {', '.join(FREQUENCY_SPACINGS)}")
         need("num_heads", isinstance(s["num_heads"], int) and s["num_heads"] >= 1, "must be an integer >= 1")
         need("shared_momentum", _number(s["shared_momentum"]) and 0 <= s["shared_momentum"] < 1, "must be in [0, 1)")
         need("static_avatar_steps", isinstance(s["static_avatar_steps"], int) and s["static_avatar_steps"] >= 0,

@@ -77,8 +77,17 @@ def eval_sh(coeffs: Tensor, dirs: Tensor) -> Tensor:
     return (basis.unsqueeze(-1) * coeffs).sum(dim=-2)
 
 
-def positional_encoding(x: Tensor, num_freqs: int, include_input: bool = True) -> Tensor:
-    """NeRF positional encoding ``[x, sin(2^k pi x), cos(2^k pi x)]_{k < num_freqs}``.
+#: frequency multipliers ``f_k`` of :func:`positional_encoding` for ``k = 0, 1, ...``
+FREQUENCY_SPACINGS = {"octave": lambda k: 2.0 ** k, "linear": lambda k: k + 1.0}
+
+
+def positional_encoding(x: Tensor, num_freqs: int, include_input: bool = True, spacing: str = "octave") -> Tensor:
+    """NeRF positional encoding ``[x, sin(f_k pi x), cos(f_k pi x)]_{k < num_freqs}``.
+
+    ``spacing="octave"`` (NeRF's): ``f_k = 2^k``, scales from coarse to very fine.
+    ``spacing="linear"``: ``f_k = k + 1``, the first terms of a Fourier series of ``x`` in
+    [0, 1] (periods 2, 1, 2/3, ...): every smooth variation up to ``num_freqs / 2`` cycles
+    per unit, and nothing finer.
 
     Args:
         x: ``[..., C]``.
@@ -86,9 +95,12 @@ def positional_encoding(x: Tensor, num_freqs: int, include_input: bool = True) -
     Returns:
         ``[..., C * (include_input + 2 * num_freqs)]``.
     """
+    if spacing not in FREQUENCY_SPACINGS:
+        raise ValueError(f"positional_encoding: spacing must be one of {sorted(FREQUENCY_SPACINGS)}, got {spacing!r}")
     parts = [x] if include_input else []
     if num_freqs > 0:
-        freqs = (2.0 ** torch.arange(num_freqs, device=x.device, dtype=x.dtype)) * math.pi
+        k = torch.arange(num_freqs, device=x.device, dtype=x.dtype)
+        freqs = FREQUENCY_SPACINGS[spacing](k) * math.pi
         xf = x.unsqueeze(-1) * freqs  # [..., C, L]
         parts += [torch.sin(xf).flatten(-2), torch.cos(xf).flatten(-2)]
     return torch.cat(parts, dim=-1)

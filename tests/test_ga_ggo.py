@@ -8,6 +8,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from graphavatar.ggo import GraphGuidedOptimization, apply_pose_delta
+from headkit.encodings import positional_encoding
 
 
 def test_zero_output_at_init_and_shapes():
@@ -94,6 +95,36 @@ def test_bad_configuration_and_inputs():
     ggo = GraphGuidedOptimization(bottleneck_dim=8, expression_dim=3)
     with pytest.raises(ValueError, match="bottlenecks"):
         ggo(torch.rand(2), torch.randn(2, 9))
+    with pytest.raises(ValueError, match="frequency_spacing"):
+        GraphGuidedOptimization(bottleneck_dim=8, expression_dim=3, frequency_spacing="log")
+
+
+def test_linear_time_encoding_is_a_fourier_series_and_octaves_alias_per_frame():
+    t = torch.linspace(0, 0.9, 270, dtype=torch.float64)[:, None]  # 270 training frames of 300
+    lin = positional_encoding(t, 3, include_input=False, spacing="linear")
+    k = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * np.pi
+    torch.testing.assert_close(lin, torch.cat([torch.sin(t * k), torch.cos(t * k)], dim=1))
+    octave = positional_encoding(t, 3, include_input=False)
+    torch.testing.assert_close(octave[:, 2], torch.sin(4 * np.pi * t[:, 0]))
+    # A smooth drift (periods of 1.5, 0.4 and 0.29 clips) is fitted exactly by 8 linear frequencies
+    # (f = 5 and 7 are among them) but not by 4 octaves (f = 1, 2, 4, 8): those features cannot
+    # represent a variation between their frequencies.
+    x = np.pi * t[:, 0]
+    drift = torch.sin(4 / 3 * x + 0.3) + 0.5 * torch.cos(5 * x) + 0.5 * torch.sin(7 * x)
+
+    def residual(features):
+        basis = torch.cat([torch.ones_like(t), features], dim=1)
+        fit = basis @ torch.linalg.lstsq(basis, drift[:, None]).solution
+        return ((fit[:, 0] - drift).square().mean() / drift.square().mean()).sqrt().item()
+
+    assert residual(positional_encoding(t, 8, include_input=False, spacing="linear")) < 0.01
+    assert residual(positional_encoding(t, 4, include_input=False)) > 0.2
+    # The GGO module encodes time with the spacing it was given.
+    ggo = GraphGuidedOptimization(bottleneck_dim=8, expression_dim=3, num_freqs=3, frequency_spacing="linear")
+    seen = []
+    ggo.time_mlp.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    ggo(t[:4, 0].float(), torch.randn(4, 8))
+    torch.testing.assert_close(seen[0], lin[:4].float())
 
 
 def test_head_side_update_orbits_the_camera_about_the_head():

@@ -397,6 +397,9 @@ def test_invalid_values_name_the_key(subject):
         small_model(subject, ggo={"enabld": False})
     with pytest.raises(ConfigValueError, match=r"model\.ggo\.static_avatar_steps"):
         small_model(subject, ggo={"static_avatar_steps": -1})
+    with pytest.raises(ConfigValueError, match=r"model\.ggo\.frequency_spacing"):
+        small_model(subject, ggo={"frequency_spacing": "log"})
+    assert small_model(subject, ggo={"frequency_spacing": "linear"}).ggo.frequency_spacing == "linear"
     with pytest.raises(ConfigValueError, match=r"model\.warmup\.loss"):
         small_model(subject, warmup={"loss": "huber"})
     with pytest.raises(ConfigValueError, match=r"model\.input_space"):
