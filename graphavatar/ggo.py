@@ -49,7 +49,7 @@ class GraphGuidedOptimization(nn.Module):
         frequency_spacing: ``"octave"`` (``f_k = 2^k``, the authors') or ``"linear"``
             (``f_k = k + 1``: a Fourier series over the clip, not in the paper). With octaves the
             upper frequencies alias to a pseudo-random code per frame (10 octaves over 300
-            frames: the finest period is about half a frame), so GGO can fit per-frame
+            frames: the finest period is about one frame), so GGO can fit per-frame
             photometric residuals rather than tracking drift; linear spacing represents every
             smooth variation up to ``num_freqs / 2`` cycles over the clip and nothing finer
             (``benchmarks/ggo_drift.md``).
