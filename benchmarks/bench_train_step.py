@@ -3,6 +3,7 @@
     python benchmarks/bench_train_step.py                       # both subjects, 1 and 2 threads
     python benchmarks/bench_train_step.py --subjects default --threads 1 --steps 7
     python benchmarks/bench_train_step.py --micro --fixed-seed 30   # + each change alone, + a 30-step run
+    python benchmarks/bench_train_step.py --after model.enhancer.precision=bf16   # after = with an option
 
 The model is built as ``scripts/train.py`` builds the default experiment: ``configs/train.yaml``
 composed with Hydra's compose API (plus the subject's overrides), ``instantiate(cfg.data)`` and
@@ -290,16 +291,18 @@ def code(version: str):
         yield
 
 
-def fixed_seed_run(version: str, steps: int, run_dir: Path, threads: int) -> tuple[list[dict], dict]:
+def fixed_seed_run(version: str, steps: int, run_dir: Path, threads: int,
+                   after: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     """``scripts/train.py``'s ``train(cfg)`` on the default experiment shrunk (``steps`` steps, a
-    short warm-up, no video or LPIPS), with the old or the new code; ``(scalars per step, metrics)``."""
+    short warm-up, no video or LPIPS), with the old or the new code (the new one with the extra
+    Hydra overrides ``after``); ``(scalars per step, metrics)``."""
     import json
     from headkit.engine.trainer import train
     overrides = [f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.image_every=100000",
                  "trainer.ckpt_every=100000", "trainer.device=cpu", "trainer.progress=false",
                  f"trainer.num_threads={threads}", "model.warmup.steps=20", "model.warmup.fit_steps=40",
                  "model.warmup.log_every=10", "eval.video=false", "eval.lpips=false", "eval.lpips_download=false",
-                 "eval.timing_repeats=1", f"run_dir={run_dir}", "seed=0"]
+                 "eval.timing_repeats=1", f"run_dir={run_dir}", "seed=0", *(after if version == "new" else ())]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with code(version):
@@ -308,12 +311,16 @@ def fixed_seed_run(version: str, steps: int, run_dir: Path, threads: int) -> tup
     return [r for r in scalars if any(str(k).startswith("train/") for k in r)], metrics
 
 
-def before_after(name: str, threads: int, steps: int, seed: int) -> tuple[str, dict, dict]:
+def before_after(name: str, threads: int, steps: int, seed: int,
+                 after: tuple[str, ...] = ()) -> tuple[str, dict, dict]:
     """Per-stage medians of the old and the new code, steps interleaved (old, new, old, new, ...)
-    on two identical models fed the same batches."""
+    on two identical models fed the same batches; ``after``: Hydra overrides of the new model
+    (e.g. ``model.enhancer.precision=bf16``; the old one keeps the float32 enhancer)."""
     torch.set_num_threads(threads)
-    model, optimizer, scheduler, dataset, _ = build(name, seed)
+    model, optimizer, scheduler, dataset, _ = build(name, seed, tuple(after))
     runs = {"old": [copy.deepcopy(model)], "new": [model, optimizer, scheduler]}
+    if runs["old"][0].enhancer is not None:
+        runs["old"][0].enhancer.precision = "fp32"  # the code before issue #15 had no other
     runs["old"] += list(old_configure_optimizers(runs["old"][0]))
     generator = torch.Generator().manual_seed(seed)
     rows = {v: defaultdict(list) for v in runs}
@@ -407,11 +414,13 @@ def main(argv=None) -> None:
     parser.add_argument("--fixed-seed", type=int, default=0, metavar="STEPS",
                         help="also train the shrunk default experiment STEPS steps with the old and the new code "
                              "and compare losses and test metrics")
+    parser.add_argument("--after", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides of the 'after' model only, e.g. model.enhancer.precision=bf16")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible; times in ms, medians")
     for threads in args.threads if not args.no_stages else []:
         for name in args.subjects:
-            info, old, new = before_after(name, threads, args.steps, args.seed)
+            info, old, new = before_after(name, threads, args.steps, args.seed, args.after)
             print(f"\n### {name} subject ({info}), {threads} thread(s), median of {args.steps} steps\n")
             print("| stage | before | after | after/before | share after |")
             print("|---|---:|---:|---:|---:|")
@@ -432,7 +441,8 @@ def main(argv=None) -> None:
     if args.fixed_seed:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
-            runs = {v: fixed_seed_run(v, args.fixed_seed, Path(tmp) / v, args.threads[0]) for v in ("old", "new")}
+            runs = {v: fixed_seed_run(v, args.fixed_seed, Path(tmp) / v, args.threads[0], args.after)
+                    for v in ("old", "new")}
         (old_rows, old_metrics), (new_rows, new_metrics) = runs["old"], runs["new"]
         print(f"\n### fixed seed: default experiment, {args.fixed_seed} steps (+ warm-up 20 + fit 40), "
               f"{args.threads[0]} thread(s)\n")

@@ -175,7 +175,8 @@ class GraphAvatar(Method):
             self.enhancer = DepthEnhancer(
                 tuple(enhancer["channels"]), enhancer["film_hidden"],
                 depth_offset=offset if enhancer["depth_offset"] is None else enhancer["depth_offset"],
-                depth_scale=scale if enhancer["depth_scale"] is None else enhancer["depth_scale"])
+                depth_scale=scale if enhancer["depth_scale"] is None else enhancer["depth_scale"],
+                precision=enhancer["precision"])
         # Data-derived constants: rebuilt with the model, never stored (non-persistent buffers).
         self.register_buffer("background", torch.tensor(cfg["render"]["background"], dtype=torch.float32),
                              persistent=False)

@@ -21,6 +21,7 @@ from headkit.encodings import FREQUENCY_SPACINGS
 from headkit.errors import InvalidConfigValue
 from headkit.render.gaussians import BACKENDS
 
+from .enhancer import PRECISIONS
 from .ggo import POSE_SIDES
 from .graph_unet import HEAD_INITS
 from .losses import GGO_REG_TARGETS
@@ -125,6 +126,7 @@ def _check(name: str, s: dict, p: str) -> None:
         for key in ("depth_offset", "depth_scale"):
             need(key, s[key] is None or _number(s[key]), "must be a number or null (derived from the data)")
         need("depth_scale", s["depth_scale"] is None or s["depth_scale"] > 0, "must be > 0")
+        need("precision", s["precision"] in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}")
     elif name == "render":
         bg = s["background"]
         need("background", isinstance(bg, (list, tuple)) and len(bg) == 3 and all(_number(c) and 0 <= c <= 1 for c in bg),

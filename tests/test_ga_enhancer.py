@@ -139,3 +139,28 @@ def test_dense_grad_copies_a_strided_gradient_into_the_tensors_format():
         (gx,) = torch.autograd.grad(big, [x], grad)
         assert torch.equal(gx, grad[:, :4])  # the value passes unchanged
     assert seen == [False, True]  # the cat's channel slice is not dense; dense_grad makes it so
+
+
+def test_bf16_precision_follows_fp32_within_bfloat16_rounding():
+    torch.manual_seed(0)
+    fp32 = DepthEnhancer(channels=(8, 16, 16), film_hidden=4, depth_offset=2.0, depth_scale=0.5)
+    perturb_(fp32, std=0.05)
+    bf16 = DepthEnhancer(channels=(8, 16, 16), film_hidden=4, depth_offset=2.0, depth_scale=0.5, precision="bf16")
+    bf16.load_state_dict(fp32.state_dict())
+    images, depths = inputs(1, 24, 20)
+    outs, grads = [], []
+    for enh in (fp32, bf16):
+        x = images.clone().requires_grad_(True)
+        out = enh(x, depths)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in enh.parameters()]))
+    assert outs[1].dtype == torch.float32 and bf16.out.weight.dtype == torch.float32
+    correction = [o - images for o in outs]
+    assert not torch.equal(correction[0], correction[1])  # it really ran in bfloat16
+    scale = correction[0].abs().max()
+    assert (correction[1] - correction[0]).abs().max() < 0.02 * scale  # bfloat16: 8 mantissa bits
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cos > 0.999
+    with pytest.raises(ValueError, match="precision"):
+        DepthEnhancer(channels=(4, 8), precision="fp16")
