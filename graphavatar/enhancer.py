@@ -16,10 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from headkit.engine.guards import fast_bfloat16
+
 __all__ = ["DepthFiLM", "DepthEnhancer", "dense_grad", "PRECISIONS"]
 
-#: ``DepthEnhancer(precision=...)``: the dtype its convolutions compute in (None: float32, exact)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+#: ``DepthEnhancer(precision=...)``: the dtype its convolutions compute in on a device (None:
+#: float32, exact); ``auto`` is bfloat16 where the device runs it natively
+PRECISIONS = {"fp32": lambda device: None, "bf16": lambda device: torch.bfloat16,
+              "auto": lambda device: torch.bfloat16 if fast_bfloat16(device) else None}
 
 
 def dense_grad(x: Tensor) -> Tensor:  # [B, C, h, w]
@@ -111,10 +115,12 @@ class DepthEnhancer(nn.Module):
         film_hidden: hidden width of the FiLM 1×1 convolutions (0: a single 1×1 conv).
         depth_offset, depth_scale: fixed depth normalisation (see above).
         in_channels: image channels (3).
-        precision: ``"fp32"`` (exact) or ``"bf16"``: the U-Net runs under autocast to bfloat16
+        precision: ``"fp32"`` (exact), ``"bf16"``: the U-Net runs under autocast to bfloat16
             (weights and the returned image stay float32; the correction is cast back before it
-            is added). Not in the paper; a speed option: on a CPU with AVX512-BF16 the
-            enhancer's forward and backward take about 0.6x the time (benchmarks/train_step.md).
+            is added), or ``"auto"``: bf16 where the device runs it natively
+            (:func:`headkit.engine.guards.fast_bfloat16`), else fp32. Not in the paper; a speed
+            option: on a CPU with AVX512-BF16 the enhancer's forward and backward take about
+            0.6x the time, with the same test PSNR (benchmarks/train_step.md).
     """
 
     def __init__(
@@ -172,7 +178,7 @@ class DepthEnhancer(nn.Module):
                              f"the images, got {list(depths.shape)}")
         h, w = images.shape[1:3]
         x, d = self.padded_inputs(images, depths)
-        dtype = PRECISIONS[self.precision]
+        dtype = PRECISIONS[self.precision](x.device)
         with torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext():
             correction = self.correction(x, lambda size: d)  # each FiLM pools the depth to its size
         correction = correction.float()

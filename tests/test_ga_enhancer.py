@@ -164,3 +164,18 @@ def test_bf16_precision_follows_fp32_within_bfloat16_rounding():
     assert cos > 0.999
     with pytest.raises(ValueError, match="precision"):
         DepthEnhancer(channels=(4, 8), precision="fp16")
+
+
+@pytest.mark.parametrize("flags, native", [({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True),
+                                           ({"avx2", "avx512f"}, False), (set(), False)])
+def test_auto_precision_uses_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, flags, native):
+    import headkit.engine.guards as guards
+    monkeypatch.setattr(guards, "_cpu_flags", lambda: frozenset(flags))
+    assert guards.fast_bfloat16("cpu") is native
+    torch.manual_seed(0)
+    auto = DepthEnhancer(channels=(8, 16), film_hidden=4, precision="auto")
+    perturb_(auto, std=0.05)
+    exact = DepthEnhancer(channels=(8, 16), film_hidden=4)
+    exact.load_state_dict(auto.state_dict())
+    images, depths = inputs(1, 12, 12)
+    assert torch.equal(auto(images, depths), exact(images, depths)) is not native

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +92,31 @@ def device_from_string(spec: str | torch.device) -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {spec!r}: unsupported device type '{device.type}'")
     return device
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def fast_bfloat16(device: str | torch.device) -> bool:
+    """Whether bfloat16 convolutions run natively, i.e. faster than float32, on ``device``: a CUDA
+    device with bfloat16 support, or a CPU with AVX512-BF16 or AMX-BF16 instructions (read from
+    ``/proc/cpuinfo``; False where that is missing, since emulated bfloat16 is slower)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return False
 
 
 # What the message suggests when the caller names no knobs (config keys vary per method).
