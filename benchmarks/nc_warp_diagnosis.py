@@ -29,6 +29,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,12 +97,12 @@ def diagnose(run_dir: str | Path, num_frames: int = 30) -> dict[str, dict[str, f
 IMAGE_COLUMNS = ["target t", "G(t)", "W1 (cache t-1)", "naive G(t-1)", "|W1-target|", "|naive-target|"]
 
 
-def pick_image_frames(subject, dataset: FrameDataset) -> list[int]:
+def pick_image_frames(dataset: FrameDataset, deg: np.ndarray) -> list[int]:
     """Test-split positions ``i >= 1`` (frame ``i - 1`` is the previous video frame) with the
-    fastest, median and slowest head rotation between ``t-1`` and ``t``."""
+    fastest, median and slowest head rotation between ``t-1`` and ``t`` (``deg[f]``: degrees from
+    frame ``f`` to ``f + 1``, :func:`headkit.motion_stats.frame_speeds`)."""
     ids = dataset.frame_ids
     pos = [i for i in range(1, len(ids)) if ids[i] - ids[i - 1] == 1]
-    deg, _ = frame_speeds(head_to_camera(subject))
     order = sorted(pos, key=lambda i: deg[ids[i] - 1])
     return [order[-1], order[len(order) // 2], order[0]]
 
@@ -111,7 +112,6 @@ def comparison_image(run_dir: str | Path, out: str | Path, positions: list[int] 
                      gain: float = 4.0) -> list[dict]:
     """Write the ``--images`` PNG (see the module docstring); returns one dict per row with the
     frame id, the head rotation from t-1 (deg) and the PSNRs of G, W1 and naive."""
-    import numpy as np
     from PIL import Image, ImageDraw
 
     run = load_run(run_dir, device="cpu")
@@ -119,8 +119,8 @@ def comparison_image(run_dir: str | Path, out: str | Path, positions: list[int] 
     if model.warp is None:
         raise SystemExit(f"--images: {run_dir} has no warp (a DNR baseline); give a warp run first")
     dataset = FrameDataset(subject, "test")
-    positions = positions or pick_image_frames(subject, dataset)
     deg, _ = frame_speeds(head_to_camera(subject))
+    positions = positions or pick_image_frames(dataset, deg)
     rows, info = [], []
     for i in positions:
         prev_b, cur_b = (model.frame_batch(dataset, [j], "cpu") for j in (i - 1, i))

@@ -168,9 +168,11 @@ def test_bf16_precision_follows_fp32_within_bfloat16_rounding():
 
 @pytest.mark.parametrize("flags, native", [({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True),
                                            ({"avx2", "avx512f"}, False), (set(), False)])
-def test_auto_precision_uses_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, flags, native):
+def test_auto_precision_uses_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, request, flags, native):
     import headkit.engine.guards as guards
     monkeypatch.setattr(guards, "_cpu_flags", lambda: frozenset(flags))
+    guards.fast_bfloat16.cache_clear()  # the answer is cached per device
+    request.addfinalizer(guards.fast_bfloat16.cache_clear)
     assert guards.fast_bfloat16("cpu") is native
     torch.manual_seed(0)
     auto = DepthEnhancer(channels=(8, 16), film_hidden=4, precision="auto")

@@ -7,6 +7,7 @@ clip extends a shorter one.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -25,11 +26,6 @@ def _signal(rng: np.random.Generator, times: np.ndarray, f_lo: float, f_hi: floa
     """
     freqs, phases, amps = rng.uniform(f_lo, f_hi, n), rng.uniform(0, 2 * np.pi, n), rng.uniform(0.3, 1.0, n)
     return (amps * np.sin(2 * np.pi * freqs * times[:, None] + phases)).sum(-1) / amps.sum()
-
-
-#: keys of the ``bursts`` mapping (see :func:`head_bursts`) and their defaults
-BURST_KEYS = {"rate_hz": 0.0, "deg": 10.0, "mm": 5.0, "duration_s": 0.3, "hold_s": 0.8,
-              "axis_weights": (1.0, 1.0, 0.5)}
 
 
 def parse_bursts(bursts) -> dict | None:
@@ -104,6 +100,11 @@ def head_bursts(times: np.ndarray, seed: int = 0, rate_hz: float = 0.0, deg: flo
                    - smoothstep(t + duration_s + hold, t + 2 * duration_s + hold, times))
         out += profile[:, None] * offset[None]
     return out
+
+
+#: keys of the ``bursts`` mapping and their defaults: :func:`head_bursts`' keyword arguments
+BURST_KEYS = {name: p.default for name, p in inspect.signature(head_bursts).parameters.items()
+              if name not in ("times", "seed")}
 
 
 def head_motion(times: np.ndarray, seed: int = 0, rotation_deg=(30.0, 15.0, 10.0),

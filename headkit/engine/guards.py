@@ -107,10 +107,12 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@lru_cache(maxsize=None)
 def fast_bfloat16(device: str | torch.device) -> bool:
     """Whether bfloat16 convolutions run natively, i.e. faster than float32, on ``device``: a CUDA
     device with bfloat16 support, or a CPU with AVX512-BF16 or AMX-BF16 instructions (read from
-    ``/proc/cpuinfo``; False where that is missing, since emulated bfloat16 is slower)."""
+    ``/proc/cpuinfo``; False where that is missing, since emulated bfloat16 is slower). Cached per
+    device: the enhancer asks on every forward pass."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
