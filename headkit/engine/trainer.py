@@ -38,6 +38,7 @@ from headkit.engine.rundir import (CONFIG_NAME, METRICS_NAME, check_config_compa
                                    make_run_dir, mark_not_started, mark_started, save_config,
                                    write_metrics)
 from headkit.engine.seed import seed_everything
+from headkit.engine.threads import ThreadPolicy, check_setting
 from headkit.errors import InvalidConfigValue
 from headkit.lpips_net import prepare_lpips_weights
 from headkit.progress import progress
@@ -96,6 +97,7 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
             raise InvalidConfigValue(f"invalid config value {key}={value!r}: must be an integer >= {minimum}")
+    check_setting(OmegaConf.select(cfg, "trainer.num_threads"))
     validate_model_config(cfg)
 
 
@@ -209,10 +211,12 @@ def _open_run(cfg: DictConfig) -> tuple[Path, bool]:
 
 
 def _run_steps(model: Method, optimizer, scheduler, data: tuple[FrameDataset, FrameDataset], run_dir: Path,
-               logger: RunLogger, tcfg: DictConfig, start: int, device, save) -> None:
+               logger: RunLogger, tcfg: DictConfig, start: int, device, save,
+               threads: ThreadPolicy | None = None) -> None:
     """Optimise from step ``start`` to ``trainer.max_steps``: the sum of the loss dict, finite
     checks, logging, previews and checkpoints. ``data`` is ``(train set, preview set)``. On a
-    non-finite value the last good state is saved (``save``) before the error goes on."""
+    non-finite value the last good state is saved (``save``) before the error goes on.
+    ``threads`` (``trainer.num_threads=auto``) follows the other processes' load."""
     train_set, preview_set = data
     step = start
     try:
@@ -235,6 +239,8 @@ def _run_steps(model: Method, optimizer, scheduler, data: tuple[FrameDataset, Fr
                 if scheduler is not None:
                     scheduler.step()
                 model.after_step(step)
+                if threads is not None:
+                    threads.update()
                 if step == start:
                     mark_started(run_dir)
                 if (step + 1) % tcfg.log_every == 0 or step == start:
@@ -275,8 +281,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir, continuing = _open_run(cfg)
     seed_everything(int(cfg.seed), deterministic=bool(tcfg.get("deterministic", False)))
     device = device_from_string(tcfg.device)
-    if tcfg.get("num_threads"):
-        torch.set_num_threads(int(tcfg.num_threads))
+    threads = ThreadPolicy(tcfg.get("num_threads"))
+    threads.start()
 
     subject = instantiate(cfg.data, _convert_="all")
     model = build_method(cfg, subject).to(device)
@@ -300,7 +306,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if start == 0:
         model.before_training(TrainContext(subject, train_set, device, run_dir, logger, bool(tcfg.progress)))
     _run_steps(model, optimizer, scheduler, (train_set, test_set if len(test_set) else train_set), run_dir,
-               logger, tcfg, start, device, save)
+               logger, tcfg, start, device, save, threads)
     steps_done = int(tcfg.max_steps)
     if steps_done > start:
         save(steps_done)
