@@ -102,3 +102,12 @@ def test_trainer_config_defaults_to_auto_and_rejects_bad_values():
         bad = compose("train", overrides=["trainer.num_threads=0"])
     with pytest.raises(InvalidConfigValue, match=r"trainer\.num_threads=0"):
         validate_config(bad)
+
+
+def test_omp_num_threads_caps_auto(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    uncapped = T.usable_cpus()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert T.usable_cpus() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")  # ignored, as OpenMP ignores it
+    assert T.usable_cpus() == uncapped

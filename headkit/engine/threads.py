@@ -37,7 +37,8 @@ ROUND_UP = 0.25
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota and by
+    ``OMP_NUM_THREADS`` when the user set it (e.g. for jobs that share a machine)."""
     try:
         count = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -47,6 +48,10 @@ def usable_cpus() -> int:
         if quota != "max":
             count = min(count, max(1, int(float(quota) / float(period))))
     except (OSError, ValueError):
+        pass
+    try:
+        count = min(count, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
         pass
     return max(1, count)
 

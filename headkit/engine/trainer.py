@@ -253,6 +253,8 @@ def _run_steps(model: Method, optimizer, scheduler, data: tuple[FrameDataset, Fr
                     write_preview(model, preview_set, run_dir, logger, step + 1, device)
                 if (step + 1) % tcfg.ckpt_every == 0:
                     save(step + 1)
+                # free this step's tensors now, not when the next step's replace them (lower peak memory)
+                del batch, outputs, losses, total
     except NonFiniteError:
         # parameters are still those before the failing step: keep them, then stop
         save(step, stopped_by="non-finite")
