@@ -107,6 +107,10 @@ def test_eval_without_any_run(tmp_path):
     error_line(run_script("eval.py", tmp_path), "no finished run", "run=RUN_DIR")
 
 
+def test_fit_3dgs_bad_thread_count_is_named(tmp_path):
+    error_line(run_script("fit_3dgs.py", tmp_path, "num_threads=0"), "num_threads=0")
+
+
 def test_fit_3dgs_missing_subject_folder(tmp_path):
     missing = tmp_path / "no_such_subject"
     error_line(run_script("fit_3dgs.py", tmp_path, "data=subject", f"data.root={missing}"), str(missing))

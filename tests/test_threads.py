@@ -111,3 +111,8 @@ def test_omp_num_threads_caps_auto(monkeypatch):
     assert T.usable_cpus() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "not a number")  # ignored, as OpenMP ignores it
     assert T.usable_cpus() == uncapped
+
+
+def test_other_scripts_name_their_own_key():
+    with pytest.raises(InvalidConfigValue, match=r"^invalid config value num_threads=0:"):
+        T.ThreadPolicy(0, key="num_threads")

@@ -98,22 +98,23 @@ def threads_for(others: float, cpus: int) -> int:
     return max(1, min(cpus, int(cpus - others + ROUND_UP)))
 
 
-def check_setting(setting) -> None:
-    """Raise :class:`InvalidConfigValue` unless ``setting`` is None, ``"auto"`` or an int >= 1."""
+def check_setting(setting, key: str = "trainer.num_threads") -> None:
+    """Raise :class:`InvalidConfigValue` naming ``key`` unless ``setting`` is None, ``"auto"`` or
+    an int >= 1."""
     if not (setting is None or setting == "auto"
             or (isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1)):
-        raise InvalidConfigValue(f"invalid config value trainer.num_threads={setting!r}: "
-                                 "must be null, auto or an integer >= 1")
+        raise InvalidConfigValue(f"invalid config value {key}={setting!r}: must be null, auto or an integer >= 1")
 
 
 class ThreadPolicy:
-    """``trainer.num_threads``: ``null`` (torch's default), an integer, or ``auto`` (the free cores,
-    re-checked every ``check_seconds`` by :meth:`update`)."""
+    """``trainer.num_threads`` (or ``key``, e.g. ``fit_3dgs.py``'s ``num_threads``): ``null``
+    (torch's default), an integer, or ``auto`` (the free cores, re-checked every ``check_seconds``
+    by :meth:`update`)."""
 
     def __init__(self, setting: Union[None, int, str], check_seconds: float = 5.0,
-                 stat_path: str = "/proc/stat"):
-        check_setting(setting)
-        self.setting, self.check_seconds, self.stat_path = setting, float(check_seconds), stat_path
+                 stat_path: str = "/proc/stat", key: str = "trainer.num_threads"):
+        check_setting(setting, key)
+        self.setting, self.check_seconds, self.stat_path, self.key = setting, float(check_seconds), stat_path, key
         self.cpus = usable_cpus()
         self._last: Optional[CpuSample] = None
 
@@ -132,8 +133,8 @@ class ThreadPolicy:
         self._last = sample_cpu(self.stat_path)
         others = others_busy(first, self._last)
         torch.set_num_threads(threads_for(others, self.cpus))
-        log.info("trainer.num_threads=auto: %d thread(s) (%d usable CPU(s), %.2f busy with other work)",
-                 torch.get_num_threads(), self.cpus, others)
+        log.info("%s=auto: %d thread(s) (%d usable CPU(s), %.2f busy with other work)",
+                 self.key, torch.get_num_threads(), self.cpus, others)
         return torch.get_num_threads()
 
     def update(self) -> Optional[int]:
@@ -151,6 +152,6 @@ class ThreadPolicy:
         if threads == torch.get_num_threads():
             return None
         torch.set_num_threads(threads)
-        log.info("trainer.num_threads=auto: now %d thread(s) (%.2f of %d CPU(s) busy with other work)",
-                 threads, others, self.cpus)
+        log.info("%s=auto: now %d thread(s) (%.2f of %d CPU(s) busy with other work)",
+                 self.key, threads, others, self.cpus)
         return threads

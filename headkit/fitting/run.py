@@ -28,9 +28,10 @@ def fit_3dgs(cfg) -> dict:
     from headkit.metrics import file_size_mb, time_fn
     from headkit.ply import save_ply
 
+    from headkit.engine.threads import ThreadPolicy
+
     seed_everything(int(cfg.seed))
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
+    ThreadPolicy(cfg.num_threads, key="num_threads").start()  # auto: the free cores at the start
     device = device_from_string(cfg.device)
     root = cfg.out
     if not root:
