@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -32,7 +33,8 @@ from headkit.errors import InvalidConfigValue
 
 log = logging.getLogger(__name__)
 
-#: a core counts as free when others use less than this much of it (``int(free + ROUND_UP)``)
+#: a core counts as taken once other processes use more than this fraction of it
+#: (``threads = int(cpus - others + ROUND_UP)``)
 ROUND_UP = 0.25
 
 
@@ -44,7 +46,7 @@ def usable_cpus() -> int:
     except AttributeError:  # not Linux
         count = os.cpu_count() or 1
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
         if quota != "max":
             count = min(count, max(1, int(float(quota) / float(period))))
     except (OSError, ValueError):
@@ -68,7 +70,7 @@ class CpuSample:
 def sample_cpu(stat_path: str = "/proc/stat") -> Optional[CpuSample]:
     """Now's :class:`CpuSample`, or None where ``stat_path`` cannot be read."""
     try:
-        lines = open(stat_path).read().splitlines()
+        lines = Path(stat_path).read_text().splitlines()
     except OSError:
         return None
     try:
