@@ -26,6 +26,9 @@ def test_threads_for_uses_the_free_cores():
     assert T.threads_for(1.0, 2) == 1
     assert T.threads_for(3.5, 2) == 1      # never below one
     assert T.threads_for(2.9, 8) == 5
+    assert T.threads_for(30.0, 64, limit=2) == 2   # a 2-CPU quota on a busy 64-core host: still 2
+    assert T.threads_for(1.0, 2, limit=1) == 1     # OMP_NUM_THREADS=1
+    assert T.threads_for(6.9, 8, limit=2) == 1     # the cap does not hide the host's load
 
 
 def test_others_busy_subtracts_own_cpu_time():
@@ -76,7 +79,7 @@ def test_auto_follows_other_load(monkeypatch, keep_threads):
     monkeypatch.setattr(T.time, "sleep", lambda s: None)
     monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
     policy = T.ThreadPolicy("auto", check_seconds=5.0)
-    policy.cpus = 2
+    policy.cpus = policy.watched = 2
     assert policy.start() == 2
     assert policy.update() is None          # 4.8 s since the last sample: not yet
     assert policy.update() == 1             # another process kept one core busy

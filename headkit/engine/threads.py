@@ -38,13 +38,19 @@ log = logging.getLogger(__name__)
 ROUND_UP = 0.25
 
 
-def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota and by
-    ``OMP_NUM_THREADS`` when the user set it (e.g. for jobs that share a machine)."""
+def affinity_cpus() -> Optional[set[int]]:
+    """The CPUs this process may run on (its affinity mask), or None where that is unknown."""
     try:
-        count = len(os.sched_getaffinity(0))
+        return os.sched_getaffinity(0)
     except AttributeError:  # not Linux
-        count = os.cpu_count() or 1
+        return None
+
+
+def usable_cpus() -> int:
+    """The most threads to use: the affinity mask's CPUs, capped by a cgroup v2 CPU quota and by
+    ``OMP_NUM_THREADS`` when the user set it (e.g. for jobs that share a machine)."""
+    cpus = affinity_cpus()
+    count = len(cpus) if cpus is not None else os.cpu_count() or 1
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
         if quota != "max":
@@ -60,7 +66,7 @@ def usable_cpus() -> int:
 
 @dataclass
 class CpuSample:
-    """Busy seconds of the usable CPUs (all processes), this process's CPU seconds, wall time."""
+    """Busy seconds of the affinity mask's CPUs (all processes), this process's CPU seconds, wall time."""
 
     busy: float
     own: float
@@ -73,10 +79,7 @@ def sample_cpu(stat_path: str = "/proc/stat") -> Optional[CpuSample]:
         lines = Path(stat_path).read_text().splitlines()
     except OSError:
         return None
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:
-        cpus = None
+    cpus = affinity_cpus()
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     busy = 0
     for line in lines:
@@ -95,9 +98,12 @@ def others_busy(before: CpuSample, after: CpuSample) -> float:
     return max(0.0, ((after.busy - before.busy) - (after.own - before.own)) / wall)
 
 
-def threads_for(others: float, cpus: int) -> int:
-    """Threads for ``cpus`` usable cores of which ``others`` are busy: the free ones, at least 1."""
-    return max(1, min(cpus, int(cpus - others + ROUND_UP)))
+def threads_for(others: float, cpus: int, limit: Optional[int] = None) -> int:
+    """Threads for ``cpus`` cores of which ``others`` are busy: the free ones, at least 1 and at
+    most ``limit`` (default ``cpus``). ``cpus`` are the cores whose load was measured (the
+    affinity mask); ``limit`` the cap of :func:`usable_cpus` (a cgroup quota, ``OMP_NUM_THREADS``),
+    so a 2-CPU quota on a 64-core host counts the host's free cores, not 2 minus their load."""
+    return max(1, min(cpus if limit is None else limit, int(cpus - others + ROUND_UP)))
 
 
 def check_setting(setting, key: str = "trainer.num_threads") -> None:
@@ -117,7 +123,9 @@ class ThreadPolicy:
                  stat_path: str = "/proc/stat", key: str = "trainer.num_threads"):
         check_setting(setting, key)
         self.setting, self.check_seconds, self.stat_path, self.key = setting, float(check_seconds), stat_path, key
-        self.cpus = usable_cpus()
+        self.cpus = usable_cpus()  # the most threads
+        watched = affinity_cpus()  # the cores whose load sample_cpu measures
+        self.watched = len(watched) if watched is not None else self.cpus
         self._last: Optional[CpuSample] = None
 
     def start(self, probe_seconds: float = 0.2) -> int:
@@ -134,9 +142,9 @@ class ThreadPolicy:
         time.sleep(probe_seconds)
         self._last = sample_cpu(self.stat_path)
         others = others_busy(first, self._last)
-        torch.set_num_threads(threads_for(others, self.cpus))
-        log.info("%s=auto: %d thread(s) (%d usable CPU(s), %.2f busy with other work)",
-                 self.key, torch.get_num_threads(), self.cpus, others)
+        torch.set_num_threads(threads_for(others, self.watched, self.cpus))
+        log.info("%s=auto: %d thread(s) (at most %d; %.2f of %d CPU(s) busy with other work)",
+                 self.key, torch.get_num_threads(), self.cpus, others, self.watched)
         return torch.get_num_threads()
 
     def update(self) -> Optional[int]:
@@ -150,10 +158,10 @@ class ThreadPolicy:
         if now is None:
             return None
         others, self._last = others_busy(self._last, now), now
-        threads = threads_for(others, self.cpus)
+        threads = threads_for(others, self.watched, self.cpus)
         if threads == torch.get_num_threads():
             return None
         torch.set_num_threads(threads)
         log.info("%s=auto: now %d thread(s) (%.2f of %d CPU(s) busy with other work)",
-                 self.key, threads, others, self.cpus)
+                 self.key, threads, others, self.watched)
         return threads
