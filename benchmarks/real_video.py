@@ -9,8 +9,10 @@ Per run (a finished ``scripts/train.py`` folder) it reports, on the held-out fra
 table, or in a ``metrics from`` column when the runs differ; LPIPS "n/a" with the reason when
 the AlexNet weights are missing), and PSNR of the splatted image *before* the enhancer; on
 evenly spaced training frames the same two PSNRs (how well the Gaussians explain what they
-were trained on); the number of Gaussians and the training time (the latter always from the
-training's ``RUN/metrics.json``). With ``--images`` it writes, per run, three held-out frames
+were trained on), with the tracked cameras and, for a model with GGO, with GGO's refined cameras
+and expressions (the training frames as the model learnt them; GGO is not applied to held-out
+frames, which lie after the training time range); the number of Gaussians and the training
+time (the latter always from the training's ``RUN/metrics.json``). With ``--images`` it writes, per run, three held-out frames
 side by side: target | final | before the enhancer | rendered alpha, to
 ``DIR/real_video_<run name>.png``.
 
@@ -35,9 +37,20 @@ from headkit.metrics import psnr
 
 
 @torch.no_grad()
-def split_psnr(run, split: str, max_frames: int | None = None) -> tuple[float, float, list[dict]]:
+def split_psnr(run, split: str, max_frames: int | None = None, apply_ggo: bool = False
+               ) -> tuple[float, float, list[dict]]:
     """Mean PSNR of the final and the pre-enhancer image over ``split`` (evenly subsampled to
-    ``max_frames``); also the outputs of its first, middle and last frame."""
+    ``max_frames``); also the outputs of its first, middle and last frame. ``apply_ggo``: render
+    with GGO's refined cameras and expressions (the training frames as the model learnt them)."""
+    ggo = run.model.settings["ggo"]
+    before, ggo["apply_on_test"] = ggo["apply_on_test"], apply_ggo
+    try:
+        return _split_psnr(run, split, max_frames)
+    finally:
+        ggo["apply_on_test"] = before
+
+
+def _split_psnr(run, split: str, max_frames: int | None) -> tuple[float, float, list[dict]]:
     data = FrameDataset(run.subject, split)
     picks = np.arange(len(data)) if not max_frames or len(data) <= max_frames else \
         np.linspace(0, len(data) - 1, max_frames).round().astype(int)
@@ -70,6 +83,9 @@ def benchmark_run(run_dir: Path, train_frames: int, images: Path | None) -> dict
     training = read_metrics(run_dir) if (run_dir / METRICS_NAME).is_file() else {}  # train_seconds
     test_final, test_coarse, shown = split_psnr(run, "test")
     train_final, train_coarse, _ = split_psnr(run, "train", train_frames)
+    refined = (None, None)  # the training frames with GGO's refinement, when the model has GGO
+    if run.model.ggo is not None:
+        refined = split_psnr(run, "train", train_frames, apply_ggo=True)[:2]
     row = {
         "run": run_dir.name, "tracker": run.subject.meta.get("tracker", "?"),
         "size": f"{run.subject.width}x{run.subject.height}", "steps": run.step,
@@ -78,6 +94,7 @@ def benchmark_run(run_dir: Path, train_frames: int, images: Path | None) -> dict
         "lpips_reason": metrics.get("lpips_unavailable_reason"),
         "psnr_test_check": test_final, "psnr_before_enhancer_test": test_coarse,
         "psnr_train": train_final, "psnr_before_enhancer_train": train_coarse,
+        "psnr_train_ggo": refined[0], "psnr_before_enhancer_train_ggo": refined[1],
         "train_minutes": training.get("train_seconds", float("nan")) / 60.0, "source": source,
     }
     if images is not None:
@@ -90,20 +107,27 @@ def benchmark_run(run_dir: Path, train_frames: int, images: Path | None) -> dict
     return row
 
 
+def _refined(row: dict) -> str:
+    """``final / before the enhancer`` on the training frames with GGO applied, or n/a (no GGO)."""
+    final, coarse = row.get("psnr_train_ggo"), row.get("psnr_before_enhancer_train_ggo")
+    return "n/a" if final is None else f"{final:.2f} / {coarse:.2f}"
+
+
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the rows; ``metrics from: SOURCE`` under it when all rows share a
     source, else a last ``metrics from`` column."""
     sources = {r.get("source") for r in rows} - {None}
     per_row = len(sources) > 1
     head = ("| run | tracker | size | steps | Gaussians | PSNR | SSIM | L2 | LPIPS | PSNR before enh. (test) "
-            "| PSNR train | PSNR before enh. (train) | train min |" + (" metrics from |" if per_row else "")
-            + "\n|" + "---|" * (13 + per_row))
+            "| PSNR train | PSNR before enh. (train) | same, GGO-refined | train min |"
+            + (" metrics from |" if per_row else "") + "\n|" + "---|" * (14 + per_row))
     lines = [head]
     for r in rows:
         lp = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
         lines.append(f"| {r['run']} | {r['tracker']} | {r['size']} | {r['steps']} | {r['gaussians']} | "
                      f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['l2']:.4f} | {lp} | {r['psnr_before_enhancer_test']:.2f} | "
-                     f"{r['psnr_train']:.2f} | {r['psnr_before_enhancer_train']:.2f} | {r['train_minutes']:.1f} |"
+                     f"{r['psnr_train']:.2f} | {r['psnr_before_enhancer_train']:.2f} | {_refined(r)} | "
+                     f"{r['train_minutes']:.1f} |"
                      + (f" {r.get('source') or ''} |" if per_row else ""))
     reasons = {r["lpips_reason"] for r in rows if r["lpips"] is None and r["lpips_reason"]}
     note = [f"\nmetrics from: {sources.pop()}"] if len(sources) == 1 else []

@@ -409,6 +409,9 @@ def test_gatherers_read_the_newest_evaluation_and_skip_eval_folders(tmp_path):
            "psnr_before_enhancer_train": 21.0, "train_minutes": 1.0, "source": "eval/later"}
     assert real_video.format_table([row]).splitlines()[-1] == "metrics from: eval/later"
     assert real_video.format_table([row, {**row, "source": "training"}]).splitlines()[2].endswith("| eval/later |")
+    assert "| 30.00 | 21.00 | n/a | 1.0 |" in real_video.format_table([row])  # no GGO: n/a
+    assert "| 21.00 | 31.50 / 22.25 | 1.0 |" in real_video.format_table(
+        [{**row, "psnr_train_ggo": 31.5, "psnr_before_enhancer_train_ggo": 22.25}])
 
 def test_invalid_value_names_key(tmp_path):
     cfg = make_cfg(tmp_path, "bad", batch_size=0)
