@@ -12,9 +12,9 @@ evenly spaced training frames the same two PSNRs (how well the Gaussians explain
 were trained on), with the tracked cameras and, for a model with GGO, with GGO's refined cameras
 and expressions (the training frames as the model learnt them; GGO is not applied to held-out
 frames, which lie after the training time range); the number of Gaussians and the training
-time (the latter always from the training's ``RUN/metrics.json``). With ``--images`` it writes, per run, three held-out frames
-side by side: target | final | before the enhancer | rendered alpha, to
-``DIR/real_video_<run name>.png``.
+time (the latter always from the training's ``RUN/metrics.json``). With ``--images`` it writes,
+per run, three held-out frames side by side: target | final | before the enhancer | rendered
+alpha, to ``DIR/real_video_<run name>.png``.
 
 Both subjects of a comparison come from the same clip and the same crops, so the targets differ
 only by their masks (``tracker=ict`` cuts the person mask below the fitted neck).
