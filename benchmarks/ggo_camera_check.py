@@ -31,7 +31,6 @@ def camera_check(run_dir: str, batch_size: int = 30) -> dict[str, float]:
     true_expr = torch.from_numpy(np.asarray(subject.extras["true_expressions"], np.float32))
     train = FrameDataset(subject, "train")
     sums = {"tracked": 0.0, "true_cameras": 0.0, "true_both": 0.0, "ggo": 0.0}
-    ggo = model.settings["ggo"]
     for start in range(0, len(train), batch_size):
         batch = train.batch(np.arange(start, min(start + batch_size, len(train))), torch.device("cpu"))
         target = model.target_image(batch)
@@ -41,10 +40,9 @@ def camera_check(run_dir: str, batch_size: int = 30) -> dict[str, float]:
         if model.ggo is not None:
             variants["ggo"] = (batch, True)
         for name, (frames, apply_ggo) in variants.items():
-            ggo["apply_on_test"] = apply_ggo  # eval mode applies GGO only when this is set
-            image = model.get_outputs(frames)["coarse_image"]
+            with model.ggo_applied(apply_ggo):
+                image = model.get_outputs(frames)["coarse_image"]
             sums[name] += float((image - target).abs().mean(dim=(1, 2, 3)).sum())
-    ggo["apply_on_test"] = False
     return {name: total / len(train) for name, total in sums.items() if model.ggo is not None or name != "ggo"}
 
 

@@ -21,23 +21,13 @@ import math
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
 
 from graphavatar.evaluation import tracking_errors
 from graphavatar.ggo import apply_pose_delta
-from headkit.cameras import invert_rigid
 from headkit.data.dataset import FrameDataset
+from headkit.engine.rundir import load_config
 from headkit.engine.runs import load_run
-
-
-def _render(model, anchors: dict, batch: dict, c2w: torch.Tensor, poses: torch.Tensor,
-            expressions: torch.Tensor) -> torch.Tensor:
-    """Coarse image ``[B,H,W,3]`` of fixed anchors seen from ``c2w [B,4,4]`` (as ``get_outputs``)."""
-    cam_to_local = invert_rigid(poses) @ c2w
-    centres = cam_to_local[:, :3, 3]
-    children = None
-    if model.neural is not None:
-        children = model.neural(anchors["means"], anchors["quats"], anchors["scales"], centres, expressions)
-    return model.rasterize(anchors, children, invert_rigid(cam_to_local), batch["K"], centres)[0]
 
 
 def fit_chunk(model, batch: dict, target: torch.Tensor, iters: int, lr: float) -> tuple[torch.Tensor, float, float]:
@@ -47,22 +37,24 @@ def fit_chunk(model, batch: dict, target: torch.Tensor, iters: int, lr: float) -
         encoded = model.encode(batch)
         anchors = model.anchors(encoded, batch["expression"])
     poses = encoded["poses"]
+
+    def l1(c2w: torch.Tensor) -> torch.Tensor:
+        return (model.splat(anchors, c2w, poses, batch["K"], batch["expression"])[0] - target).abs().mean()
+
     delta = torch.zeros(len(target), 6, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, eta_min=lr * 0.05)
-    losses = []
-    for _ in range(iters):
-        c2w = apply_pose_delta(batch["camtoworld"], delta, side="head", head_poses=poses)
-        loss = (_render(model, anchors, batch, c2w, poses, batch["expression"]) - target).abs().mean()
+    for i in range(iters):
+        loss = l1(apply_pose_delta(batch["camtoworld"], delta, side="head", head_poses=poses))
+        if i == 0:
+            first = loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(loss.item())
     with torch.no_grad():
         refined = apply_pose_delta(batch["camtoworld"], delta, side="head", head_poses=poses)
-        final = (_render(model, anchors, batch, refined, poses, batch["expression"]) - target).abs().mean().item()
-    return refined, losses[0], final
+        return refined, first, l1(refined).item()
 
 
 def pose_bound(avatar_dir: str, poses_dir: str, every: int = 3, iters: int = 200, lr: float = 2e-3,
@@ -71,7 +63,7 @@ def pose_bound(avatar_dir: str, poses_dir: str, every: int = 3, iters: int = 200
     training frame of ``poses_dir``'s subject, with ``avatar_dir``'s frozen model."""
     model = load_run(avatar_dir, "cpu").model
     model.requires_grad_(False)
-    subject = load_run(poses_dir, "cpu").subject
+    subject = instantiate(load_config(poses_dir).data, _convert_="all")  # its subject only
     if "true_camtoworlds" not in subject.extras:
         raise SystemExit(f"{poses_dir}: the subject has no true cameras (only the synthetic subject keeps them)")
     true_c2w = torch.from_numpy(np.asarray(subject.extras["true_camtoworlds"], np.float32))

@@ -37,20 +37,9 @@ from headkit.metrics import psnr
 
 
 @torch.no_grad()
-def split_psnr(run, split: str, max_frames: int | None = None, apply_ggo: bool = False
-               ) -> tuple[float, float, list[dict]]:
+def split_psnr(run, split: str, max_frames: int | None = None) -> tuple[float, float, list[dict]]:
     """Mean PSNR of the final and the pre-enhancer image over ``split`` (evenly subsampled to
-    ``max_frames``); also the outputs of its first, middle and last frame. ``apply_ggo``: render
-    with GGO's refined cameras and expressions (the training frames as the model learnt them)."""
-    ggo = run.model.settings["ggo"]
-    before, ggo["apply_on_test"] = ggo["apply_on_test"], apply_ggo
-    try:
-        return _split_psnr(run, split, max_frames)
-    finally:
-        ggo["apply_on_test"] = before
-
-
-def _split_psnr(run, split: str, max_frames: int | None) -> tuple[float, float, list[dict]]:
+    ``max_frames``); also the outputs of its first, middle and last frame."""
     data = FrameDataset(run.subject, split)
     picks = np.arange(len(data)) if not max_frames or len(data) <= max_frames else \
         np.linspace(0, len(data) - 1, max_frames).round().astype(int)
@@ -85,7 +74,8 @@ def benchmark_run(run_dir: Path, train_frames: int, images: Path | None) -> dict
     train_final, train_coarse, _ = split_psnr(run, "train", train_frames)
     refined = (None, None)  # the training frames with GGO's refinement, when the model has GGO
     if run.model.ggo is not None:
-        refined = split_psnr(run, "train", train_frames, apply_ggo=True)[:2]
+        with run.model.ggo_applied():
+            refined = split_psnr(run, "train", train_frames)[:2]
     row = {
         "run": run_dir.name, "tracker": run.subject.meta.get("tracker", "?"),
         "size": f"{run.subject.width}x{run.subject.height}", "steps": run.step,

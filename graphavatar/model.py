@@ -34,7 +34,9 @@ offsets so shared corrections move into the avatar and GGO keeps the per-frame o
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +289,35 @@ class GraphAvatar(Method):
         colors, depths, alphas = (torch.cat(x, dim=0) for x in zip(*outs))
         return colors, depths, alphas, torch.tensor(counts, device=colors.device)
 
+    def splat(
+        self,
+        anchors: dict[str, Tensor],  # from anchors(): [B, V, ...]
+        camtoworlds: Tensor,  # [B, 4, 4] (refined) cameras
+        poses: Tensor,  # [B, 4, 4] local (Gaussian) frame to world
+        Ks: Tensor,  # [B, 3, 3]
+        expressions: Tensor,  # [B, E] for the neural Gaussians
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The pre-enhancer image of ``anchors`` and their neural Gaussians seen from ``camtoworlds``:
+        ``colors, depths, alphas, counts`` as :meth:`rasterize` returns them."""
+        cam_to_local = invert_rigid(poses) @ camtoworlds  # the camera in the Gaussians' frame
+        centres = cam_to_local[:, :3, 3]
+        children = None
+        if self.neural is not None:
+            children = self.neural(anchors["means"], anchors["quats"], anchors["scales"], centres, expressions)
+        return self.rasterize(anchors, children, invert_rigid(cam_to_local), Ks, centres)
+
+    @contextlib.contextmanager
+    def ggo_applied(self, apply: bool = True) -> Iterator[None]:
+        """Within the block, eval-mode renders apply GGO's refinement (``apply``) or not, whatever
+        ``ggo.apply_on_test`` says; the setting is restored after (scoring the training frames as
+        the model learnt them: benchmarks/real_video.py, benchmarks/ggo_camera_check.py)."""
+        ggo = self.settings["ggo"]
+        before, ggo["apply_on_test"] = ggo["apply_on_test"], bool(apply)
+        try:
+            yield
+        finally:
+            ggo["apply_on_test"] = before
+
     # ----------------------------------------------------------------------------- Method API
     def get_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Render a batch: ``image, coarse_image [B,H,W,3]``, ``depth, alpha [B,H,W,1]``,
@@ -295,16 +326,10 @@ class GraphAvatar(Method):
         apply_ggo = self.training or self.settings["ggo"]["apply_on_test"]
         encoded = self.encode(batch)
         c2w, expressions, offsets = self.refine(batch, encoded, apply_ggo)
-        cam_to_local = invert_rigid(encoded["poses"]) @ c2w  # refined camera in the Gaussians' frame
-        viewmats = invert_rigid(cam_to_local)
-        centres = cam_to_local[:, :3, 3]
         if self.training and self.static_avatar:
             expressions = torch.zeros_like(expressions)
         anchors = self.anchors(encoded, expressions)
-        children = None
-        if self.neural is not None:
-            children = self.neural(anchors["means"], anchors["quats"], anchors["scales"], centres, expressions)
-        coarse, depths, alphas, counts = self.rasterize(anchors, children, viewmats, batch["K"], centres)
+        coarse, depths, alphas, counts = self.splat(anchors, c2w, encoded["poses"], batch["K"], expressions)
         image = self.enhancer(coarse, depths) if self.enhancer is not None else coarse
         return {"image": image, "coarse_image": coarse, "depth": depths, "alpha": alphas,
                 "num_gaussians": counts, **offsets,

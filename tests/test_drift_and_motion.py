@@ -215,8 +215,8 @@ def test_pose_bound_fit_recovers_a_known_camera_offset():
     batch = FrameDataset(subject, "train").batch([0, 3])
     with torch.no_grad():
         encoded = model.encode(batch)
-        target = bound._render(model, model.anchors(encoded, batch["expression"]), batch, batch["camtoworld"],
-                               encoded["poses"], batch["expression"])
+        target = model.splat(model.anchors(encoded, batch["expression"]), batch["camtoworld"], encoded["poses"],
+                             batch["K"], batch["expression"])[0]
     true = batch["camtoworld"].clone()
     turn = torch.tensor([[0.0, 0.035, 0.0, 0.0, 0.0, 0.0], [0.025, 0.0, 0.0, 0.0, 0.0, 0.0]])
     batch["camtoworld"] = apply_pose_delta(true, turn, side="head", head_poses=encoded["poses"])

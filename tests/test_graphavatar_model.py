@@ -181,7 +181,12 @@ def test_ggo_pose_delta_changes_the_render_and_receives_gradient(subject):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.get_outputs(batch)["image"], base)
-    # ... unless asked to refine them too
+    # ... unless asked to refine them too: for a block (ggo_applied, restored after) or by the setting
+    with model.ggo_applied(), torch.no_grad():
+        torch.testing.assert_close(model.get_outputs(batch)["image"], reference, atol=1e-5, rtol=0)
+    assert model.settings["ggo"]["apply_on_test"] is False
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_outputs(batch)["image"], base)
     model.settings["ggo"]["apply_on_test"] = True
     with torch.no_grad():
         torch.testing.assert_close(model.get_outputs(batch)["image"], reference, atol=1e-5, rtol=0)
