@@ -30,9 +30,11 @@ from headkit.engine.rundir import load_config
 from headkit.engine.runs import load_run
 
 
-def fit_chunk(model, batch: dict, target: torch.Tensor, iters: int, lr: float) -> tuple[torch.Tensor, float, float]:
+def fit_chunk(model, batch: dict, target: torch.Tensor, iters: int,
+              lr: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Per-frame head-frame offsets of ``batch``'s cameras fitted to ``target [B,H,W,3]`` (coarse-image
-    L1, Adam with a cosine decay): ``(refined c2w [B,4,4], L1 before, L1 after)``."""
+    L1, Adam with a cosine decay): ``(refined c2w [B,4,4], the avatar's frame to world [B,4,4],
+    L1 before, L1 after)``."""
     with torch.no_grad():
         encoded = model.encode(batch)
         anchors = model.anchors(encoded, batch["expression"])
@@ -54,7 +56,7 @@ def fit_chunk(model, batch: dict, target: torch.Tensor, iters: int, lr: float) -
         sched.step()
     with torch.no_grad():
         refined = apply_pose_delta(batch["camtoworld"], delta, side="head", head_poses=poses)
-        return refined, first, l1(refined).item()
+        return refined, poses, first, l1(refined).item()
 
 
 def pose_bound(avatar_dir: str, poses_dir: str, every: int = 3, iters: int = 200, lr: float = 2e-3,
@@ -70,13 +72,14 @@ def pose_bound(avatar_dir: str, poses_dir: str, every: int = 3, iters: int = 200
     true_expr = torch.from_numpy(np.asarray(subject.extras["true_expressions"], np.float32))
     train = FrameDataset(subject, "train")
     positions = np.arange(0, len(train), every)
-    ids, before, after, l1 = [], [], [], [0.0, 0.0]
+    ids, poses, before, after, l1 = [], [], [], [], [0.0, 0.0]
     for start in range(0, len(positions), chunk):
         batch = train.batch(positions[start:start + chunk])
         if true_expressions:
             batch["expression"] = true_expr[batch["index"]]
-        refined, l1_before, l1_after = fit_chunk(model, batch, model.target_image(batch), iters, lr)
+        refined, local, l1_before, l1_after = fit_chunk(model, batch, model.target_image(batch), iters, lr)
         ids.append(batch["index"])
+        poses.append(local)
         before.append(batch["camtoworld"])
         after.append(refined)
         l1[0] += l1_before * len(refined)
@@ -86,7 +89,7 @@ def pose_bound(avatar_dir: str, poses_dir: str, every: int = 3, iters: int = 200
     expr = true_expr[ids] if true_expressions else torch.from_numpy(np.asarray(subject.expressions))[ids]
     out = {"frames": float(len(ids)), "l1_before": l1[0] / len(ids), "l1_after": l1[1] / len(ids)}
     for tag, cams in (("before", torch.cat(before)), ("after", torch.cat(after))):
-        errors = tracking_errors(cams, true_c2w[ids], expr, true_expr[ids])
+        errors = tracking_errors(cams, true_c2w[ids], expr, true_expr[ids], torch.cat(poses))
         out[f"rot_{tag}"] = errors["rot_err_deg_zero_mean"]
         out[f"centre_mm_{tag}"] = 1000.0 * errors["centre_err_zero_mean"]
     return out

@@ -6,7 +6,8 @@ scored: on the *training* frames (the ones GGO is trained on), the camera rotati
 (degrees), camera-centre error (data units, metres for the synthetic head) and expression L2
 error, before (tracked) and after (tracked + GGO offsets) refinement, raw and with the part
 common to all training frames removed (``*_zero_mean_*``; a rigid offset shared by every frame
-is indistinguishable from moving the avatar, so GGO is scored by the zero-mean part).
+in the avatar's own frame is indistinguishable from moving the avatar, so GGO is scored by the
+zero-mean part).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import Tensor
 from headkit.data.dataset import FrameDataset
 from headkit.data.subject import Subject
 
-__all__ = ["rotation_errors_deg", "tracking_errors", "ggo_tracking_errors", "count_gaussians"]
+__all__ = ["rotation_errors_deg", "tracking_errors", "training_frame_tracking", "ggo_tracking_errors",
+           "count_gaussians"]
 
 
 def rotation_errors_deg(
@@ -43,24 +45,37 @@ def tracking_errors(
     true_camtoworlds: Tensor,  # [N, 4, 4]
     expressions: Tensor,  # [N, E] estimated
     true_expressions: Tensor,  # [N, E]
+    local_poses: Tensor | None = None,  # [N, 4, 4] the avatar's frame to world per frame; None = world
 ) -> dict[str, float]:
     """Mean per-frame tracking errors, raw and with the part common to all frames removed.
 
     Raw: ``rot_err_deg`` (geodesic angle between the rotations), ``centre_err`` (camera-centre
     distance, data units) and ``expr_err`` (L2 norm of the expression error).
 
-    Zero-mean (``*_zero_mean``): a rigid transform ``G`` shared by every frame's camera
-    (``c2w_i = G @ true_c2w_i``) is indistinguishable from moving the avatar the other way, so
-    it is removed before scoring. The per-frame world-frame errors ``E_i = c2w_i true_c2w_i^-1``
-    (``perturb_pose(..., "left")`` of the synthetic subject) are averaged
-    (``R_bar``: the chordal mean of their rotations; ``t_bar``: the mean of their
-    translations), and the cameras ``E_bar^-1 c2w_i`` are scored as above. The expression
-    error's mean over the frames is subtracted likewise. All values are floats (mean over frames).
+    Zero-mean (``*_zero_mean``): a rigid offset shared by every frame *in the frame the avatar
+    lives in* cannot be told from moving the avatar the other way, so it is removed before
+    scoring. An avatar attached to the head (GraphAvatar's ``input_space: head``) is rendered
+    from the camera in the head's frame, ``L_i = P_i^-1 c2w_i`` with the frame's head pose ``P_i``
+    (``local_poses``); moving that avatar by ``G`` is the same as ``L_i -> G L_i`` for every frame,
+    i.e. ``c2w_i -> P_i G P_i^-1 c2w_i`` in the world, which differs from frame to frame as the
+    head turns. A world-frame offset ``c2w_i -> G c2w_i`` is the shared one only for an avatar
+    fixed in the world (``local_poses=None``). The per-frame errors in that frame,
+    ``E_i = L_i Ltrue_i^-1``, are averaged (``R_bar``: the chordal mean of their rotations,
+    ``t_bar``: the mean of their translations), and the cameras ``E_bar^-1 L_i`` are scored
+    against ``Ltrue_i`` as above. The raw errors do not depend on the frame (a rigid change of
+    frame keeps angles and distances). The expression error's mean over the frames is subtracted
+    likewise. All values are floats (mean over frames).
     """
     cams, true = camtoworlds.double(), true_camtoworlds.double()
     if cams.shape != true.shape or cams.dim() != 3 or cams.shape[1:] != (4, 4) or len(cams) < 1:
         raise ValueError(f"tracking_errors: need two [N, 4, 4] camera stacks, got {tuple(cams.shape)} "
                          f"and {tuple(true.shape)}")
+    if local_poses is not None:
+        if local_poses.shape != cams.shape:
+            raise ValueError(f"tracking_errors: local_poses must be [N, 4, 4] like the cameras, got "
+                             f"{tuple(local_poses.shape)}")
+        to_local = torch.linalg.inv(local_poses.double())
+        cams, true = to_local @ cams, to_local @ true  # L_i, Ltrue_i
     errs = cams @ torch.linalg.inv(true)  # E_i, [N, 4, 4]
     mean = torch.eye(4, dtype=errs.dtype, device=errs.device)
     mean[:3, :3] = _project_so3(errs[:, :3, :3].mean(0))
@@ -77,6 +92,32 @@ def tracking_errors(
 
 
 @torch.no_grad()
+def training_frame_tracking(model, subject: Subject, device: torch.device, batch_size: int = 16) -> dict[str, Tensor]:
+    """The training frames as tracked and as GGO refines them, with the truth.
+
+    Returns ``{"poses": [N, 4, 4] the avatar's frame to world, "c2w_before", "c2w_after",
+    "true_c2w": [N, 4, 4], "expr_before", "expr_after", "true_expr": [N, E]}`` in training-frame
+    order. Needs ``subject.extras["true_camtoworlds"]`` and ``["true_expressions"]``.
+    """
+    was_training = model.training
+    model.eval()
+    train = FrameDataset(subject, "train")
+    parts = {key: [] for key in ("ids", "poses", "c2w_before", "c2w_after", "expr_before", "expr_after")}
+    for start in range(0, len(train), batch_size):
+        batch = train.batch(np.arange(start, min(start + batch_size, len(train))), device)
+        encoded = model.encode(batch)
+        c2w, expr, _ = model.refine(batch, encoded, apply=True)
+        for key, value in (("ids", batch["index"]), ("poses", encoded["poses"]), ("c2w_before", batch["camtoworld"]),
+                           ("c2w_after", c2w), ("expr_before", batch["expression"]), ("expr_after", expr)):
+            parts[key].append(value)
+    model.train(was_training)
+    out = {key: torch.cat(value) for key, value in parts.items()}
+    ids = out.pop("ids").cpu().numpy()
+    for key, name in (("true_c2w", "true_camtoworlds"), ("true_expr", "true_expressions")):
+        out[key] = torch.from_numpy(np.asarray(subject.extras[name], np.float32)[ids]).to(device)
+    return out
+
+
 def ggo_tracking_errors(model, subject: Subject, device: torch.device, batch_size: int = 16) -> dict:
     """Tracking errors against the truth on the training frames, before and after GGO.
 
@@ -85,33 +126,17 @@ def ggo_tracking_errors(model, subject: Subject, device: torch.device, batch_siz
     metres such as the synthetic one), ``ggo_expr_err_{before,after}`` (mean L2 norm of the
     expression error per frame), and each of them with the part common to all training frames
     removed, ``ggo_rot_err_deg_zero_mean_{before,after}`` etc. (see :func:`tracking_errors`; a
-    shared rigid offset cannot be told from moving the avatar, so the zero-mean errors are the
-    ones to score GGO by); or ``{"ggo_errors_unavailable_reason": ...}`` when the subject has
-    no ground truth.
+    rigid offset shared in the avatar's frame, the model's ``encode(batch)["poses"]``, cannot be
+    told from moving the avatar, so the zero-mean errors are the ones to score GGO by); or
+    ``{"ggo_errors_unavailable_reason": ...}`` when the subject has no ground truth.
     """
     if "true_camtoworlds" not in subject.extras or "true_expressions" not in subject.extras:
         return {"ggo_errors_unavailable_reason": "the subject has no true_camtoworlds/true_expressions "
                                                  "(only the synthetic subject keeps the truth)"}
-    was_training = model.training
-    model.eval()
-    train = FrameDataset(subject, "train")
-    true_c2w = torch.from_numpy(np.asarray(subject.extras["true_camtoworlds"], np.float32)).to(device)
-    true_expr = torch.from_numpy(np.asarray(subject.extras["true_expressions"], np.float32)).to(device)
-    parts = {key: [] for key in ("ids", "c2w_before", "c2w_after", "expr_before", "expr_after")}
-    for start in range(0, len(train), batch_size):
-        batch = train.batch(np.arange(start, min(start + batch_size, len(train))), device)
-        c2w, expr, _ = model.refine(batch, model.encode(batch), apply=True)
-        parts["ids"].append(batch["index"])
-        parts["c2w_before"].append(batch["camtoworld"])
-        parts["expr_before"].append(batch["expression"])
-        parts["c2w_after"].append(c2w)
-        parts["expr_after"].append(expr)
-    model.train(was_training)
-    ids = torch.cat(parts["ids"])
+    t = training_frame_tracking(model, subject, device, batch_size)
     out = {}
     for tag in ("before", "after"):
-        errors = tracking_errors(torch.cat(parts[f"c2w_{tag}"]), true_c2w[ids],
-                                 torch.cat(parts[f"expr_{tag}"]), true_expr[ids])
+        errors = tracking_errors(t[f"c2w_{tag}"], t["true_c2w"], t[f"expr_{tag}"], t["true_expr"], t["poses"])
         for zm in ("", "_zero_mean"):
             out[f"ggo_rot_err_deg{zm}_{tag}"] = errors[f"rot_err_deg{zm}"]
             out[f"ggo_trans_err{zm}_{tag}"] = errors[f"centre_err{zm}"]

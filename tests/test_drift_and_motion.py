@@ -103,6 +103,41 @@ def test_zero_mean_errors_remove_the_shared_offset_on_a_hand_made_case():
     assert e0["expr_err_zero_mean"] < 1e-9 and e0["rot_err_deg"] > 1.0
 
 
+
+def test_zero_mean_errors_in_the_avatars_frame_remove_an_offset_that_turns_with_the_head():
+    """An avatar attached to the head is rendered from ``P_i^-1 c2w_i``: an offset ``G`` shared in
+    the head's frame (``c2w_i -> P_i G P_i^-1 c2w_i``) is the same as moving that avatar, and
+    scores zero with ``local_poses``; in the world frame it changes with the head's yaw."""
+    N = 12
+    yaw = torch.linspace(-math.radians(30), math.radians(30), N, dtype=torch.float64)
+    P = _rigid(so3_exp(torch.stack([torch.zeros(N), yaw, 0.1 * yaw], -1).double()),
+               0.02 * torch.stack([torch.sin(3 * yaw), torch.cos(2 * yaw), yaw], -1))  # head to world
+    true = _rigid(torch.eye(3, dtype=torch.float64).repeat(N, 1, 1),
+                  torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).repeat(N, 1))  # a fixed camera
+    G = _rigid(so3_exp(torch.tensor([[0.03, -0.02, 0.01]], dtype=torch.float64)),
+               torch.tensor([[0.004, 0.0, -0.003]], dtype=torch.float64))
+    shared_in_head = P @ G @ torch.linalg.inv(P) @ true
+    expr = torch.zeros(N, 3, dtype=torch.float64)
+    local = tracking_errors(shared_in_head, true, expr, expr, local_poses=P)
+    world = tracking_errors(shared_in_head, true, expr, expr)
+    assert local["rot_err_deg_zero_mean"] < 1e-5 and local["centre_err_zero_mean"] < 1e-9
+    assert world["rot_err_deg_zero_mean"] > 0.3 and world["centre_err_zero_mean"] > 0.002
+    # raw errors do not depend on the frame
+    for key in ("rot_err_deg", "centre_err"):
+        assert local[key] == pytest.approx(world[key], rel=1e-9) and local[key] > 1.0 * (key == "rot_err_deg")
+    # a known per-frame part Z_i in the head's frame, on top of the shared offset, is what remains
+    theta = math.radians(0.8)
+    signs = torch.tensor([1.0, -1.0] * (N // 2), dtype=torch.float64)
+    Z = _rigid(so3_exp(signs[:, None] * torch.tensor([theta, 0.0, 0.0], dtype=torch.float64)),
+               torch.zeros(N, 3, dtype=torch.float64))
+    est = P @ G @ Z @ torch.linalg.inv(P) @ true
+    assert tracking_errors(est, true, expr, expr, local_poses=P)["rot_err_deg_zero_mean"] == \
+        pytest.approx(math.degrees(theta), rel=1e-6)
+    # a world-frame offset is not shared in the head's frame while the head turns
+    assert tracking_errors(G @ true, true, expr, expr, local_poses=P)["rot_err_deg_zero_mean"] > 0.3
+    with pytest.raises(ValueError, match="local_poses"):
+        tracking_errors(est, true, expr, expr, local_poses=P[:3])
+
 def test_motion_stats_on_a_trajectory_with_known_speed():
     T, fps = 41, 25.0
     omega, speed = math.radians(0.8), 0.003  # 0.8 deg and 3 mm per frame
@@ -220,7 +255,8 @@ def test_pose_bound_fit_recovers_a_known_camera_offset():
     true = batch["camtoworld"].clone()
     turn = torch.tensor([[0.0, 0.035, 0.0, 0.0, 0.0, 0.0], [0.025, 0.0, 0.0, 0.0, 0.0, 0.0]])
     batch["camtoworld"] = apply_pose_delta(true, turn, side="head", head_poses=encoded["poses"])
-    refined, l1_before, l1_after = bound.fit_chunk(model, batch, target, iters=60, lr=3e-3)
+    refined, poses, l1_before, l1_after = bound.fit_chunk(model, batch, target, iters=60, lr=3e-3)
+    assert torch.equal(poses, encoded["poses"])
     before = rotation_errors_deg(batch["camtoworld"][:, :3, :3], true[:, :3, :3])
     after = rotation_errors_deg(refined[:, :3, :3], true[:, :3, :3])
     assert l1_after < 0.5 * l1_before

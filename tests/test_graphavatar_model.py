@@ -420,7 +420,7 @@ def test_expression_size_mismatch_names_the_config_key(subject):
 
 
 def test_ggo_tracking_errors_against_the_truth(noisy_subject):
-    from graphavatar.evaluation import ggo_tracking_errors, rotation_errors_deg
+    from graphavatar.evaluation import ggo_tracking_errors, rotation_errors_deg, tracking_errors
     R = so3_exp(torch.tensor([0.0, 0.0, 0.1]))
     assert rotation_errors_deg(R, torch.eye(3)).item() == pytest.approx(math.degrees(0.1), rel=1e-4)
     model = small_model(noisy_subject)
@@ -433,6 +433,14 @@ def test_ggo_tracking_errors_against_the_truth(noisy_subject):
     assert errors["ggo_trans_err_before"] == pytest.approx(expected_trans, rel=1e-4)
     assert errors["ggo_expr_err_before"] == pytest.approx(expected_expr, rel=1e-4)
     assert errors["ggo_rot_err_deg_before"] > 0.1
+    # the shared offset is removed in the avatar's (head's) frame, not the world's
+    head = torch.from_numpy(np.asarray(s.head_poses[ids], np.float32)) if s.head_poses is not None else \
+        model.frame_head_poses(FrameDataset(s, "train").batch(list(range(len(ids)))))
+    args = [torch.from_numpy(np.asarray(a, np.float32)) for a in
+            (c2w, true_c2w, s.expressions[ids], s.extras["true_expressions"][ids])]
+    in_head, in_world = tracking_errors(*args, local_poses=head), tracking_errors(*args)
+    assert errors["ggo_rot_err_deg_zero_mean_before"] == pytest.approx(in_head["rot_err_deg_zero_mean"], rel=1e-4)
+    assert abs(in_head["rot_err_deg_zero_mean"] - in_world["rot_err_deg_zero_mean"]) > 1e-3
     # zero-initialised GGO: refined == tracked
     for key in ("rot_err_deg", "trans_err", "expr_err"):
         assert errors[f"ggo_{key}_after"] == pytest.approx(errors[f"ggo_{key}_before"], rel=1e-4, abs=1e-4)
@@ -446,6 +454,7 @@ def _compose(overrides):
 
 
 def test_composed_config_trains_end_to_end(tmp_path):
+    from graphavatar.evaluation import tracking_errors
     from headkit.engine.trainer import train
     gen = [f"data.generator.{k}={v}" for k, v in TINY_GENERATOR.items()]
     cfg = _compose(gen + [
@@ -480,6 +489,16 @@ def test_composed_config_trains_end_to_end(tmp_path):
     assert written["ggo_trans_err_before"] == pytest.approx(
         np.linalg.norm(tracked[:, :3, 3] - true[:, :3, 3], axis=-1).mean(), rel=1e-4)
     assert 0.2 < written["ggo_rot_err_deg_before"] < 3.0  # data.generator.tracking_noise.pose_rot_deg=1.0
+    # benchmarks/ggo_errors.py re-scores the run: the avatar's frame as metrics.json, and the world frame
+    from .conftest import load_repo_module
+    rescored = load_repo_module("benchmarks/ggo_errors.py").run_errors(str(tmp_path / "run"))
+    for tag in ("before", "after"):
+        assert rescored[f"avatar_rot_{tag}"] == pytest.approx(written[f"ggo_rot_err_deg_zero_mean_{tag}"], rel=1e-5)
+        assert rescored[f"avatar_centre_mm_{tag}"] == pytest.approx(written[f"ggo_centre_err_mm_zero_mean_{tag}"],
+                                                                   rel=1e-5)
+    world = tracking_errors(*(torch.from_numpy(np.asarray(a, np.float32)) for a in (
+        tracked, true, s.expressions[ids], s.extras["true_expressions"][ids])))
+    assert rescored["world_rot_before"] == pytest.approx(world["rot_err_deg_zero_mean"], rel=1e-4)
     assert (tmp_path / "run" / "warmup.json").is_file()
     assert any((tmp_path / "data").glob("mesh_hierarchy/*.npz"))  # hierarchy cached with the data
 
