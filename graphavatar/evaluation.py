@@ -93,11 +93,12 @@ def tracking_errors(
 
 @torch.no_grad()
 def training_frame_tracking(model, subject: Subject, device: torch.device, batch_size: int = 16) -> dict[str, Tensor]:
-    """The training frames as tracked and as GGO refines them, with the truth.
+    """The training frames as tracked and as GGO refines them (and the truth, where the subject has it).
 
-    Returns ``{"poses": [N, 4, 4] the avatar's frame to world, "c2w_before", "c2w_after",
-    "true_c2w": [N, 4, 4], "expr_before", "expr_after", "true_expr": [N, E]}`` in training-frame
-    order. Needs ``subject.extras["true_camtoworlds"]`` and ``["true_expressions"]``.
+    Returns ``{"ids": [N] subject frame indices, "poses": [N, 4, 4] the avatar's frame to world,
+    "c2w_before", "c2w_after": [N, 4, 4], "expr_before", "expr_after": [N, E]}`` in
+    training-frame order, plus ``"true_c2w"`` and ``"true_expr"`` when ``subject.extras`` holds
+    ``true_camtoworlds`` and ``true_expressions``.
     """
     was_training = model.training
     model.eval()
@@ -112,12 +113,14 @@ def training_frame_tracking(model, subject: Subject, device: torch.device, batch
             parts[key].append(value)
     model.train(was_training)
     out = {key: torch.cat(value) for key, value in parts.items()}
-    ids = out.pop("ids").cpu().numpy()
+    ids = out["ids"].cpu().numpy()
     for key, name in (("true_c2w", "true_camtoworlds"), ("true_expr", "true_expressions")):
-        out[key] = torch.from_numpy(np.asarray(subject.extras[name], np.float32)[ids]).to(device)
+        if name in subject.extras:
+            out[key] = torch.from_numpy(np.asarray(subject.extras[name], np.float32)[ids]).to(device)
     return out
 
 
+@torch.no_grad()
 def ggo_tracking_errors(model, subject: Subject, device: torch.device, batch_size: int = 16) -> dict:
     """Tracking errors against the truth on the training frames, before and after GGO.
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,13 @@ class GraphAvatar(Method):
                              persistent=False)
         self.loss_fn = GraphAvatarLoss(**cfg["loss"], translation_unit=depth_normalisation(subject)[0])
         self.static_avatar = False  # set per training batch by sample_train_batch (ggo.static_avatar_steps)
+        # ggo.rounds: the initial values, restored at the start of each later round, and the cameras
+        # and expressions refined by the rounds so far (per subject frame; checkpointed)
+        self.initial_state = None
+        if self.ggo is not None and cfg["ggo"]["rounds"] > 1:
+            self.initial_state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            self.register_buffer("baked_camtoworlds", torch.tensor(np.asarray(subject.camtoworlds), dtype=torch.float32))
+            self.register_buffer("baked_expressions", torch.tensor(np.asarray(subject.expressions), dtype=torch.float32))
 
     # ----------------------------------------------------------------------------- stages
     def frame_head_poses(self, batch: dict[str, Tensor]) -> Tensor:
@@ -239,6 +247,8 @@ class GraphAvatar(Method):
         ``apply`` is false) and, when GGO ran, ``ggo_shared_expression [E]`` and
         ``ggo_shared_pose [6]``, the part shared by all training frames (for ``ggo_reg.target``)."""
         c2w, expr = batch["camtoworld"], batch["expression"]
+        if self.initial_state is not None and apply:  # ggo.rounds: refine what earlier rounds refined
+            c2w, expr = self.baked_camtoworlds[batch["index"]], self.baked_expressions[batch["index"]]
         if self.ggo is None or not apply:
             b = c2w.shape[0]
             return c2w, expr, {"delta_expression": expr.new_zeros(b, self.expression_dim),
@@ -370,6 +380,34 @@ class GraphAvatar(Method):
             groups["enhancer"] = list(self.enhancer.parameters())
         return groups
 
+    def round_starts(self) -> list[int]:
+        """The steps at which ``ggo.rounds`` starts a new round: ``ceil(k · max_steps / rounds)``
+        for ``k = 1 .. rounds - 1`` (where the LR schedule starts again); empty without rounds."""
+        if self.initial_state is None:
+            return []
+        rounds, steps = self.settings["ggo"]["rounds"], self.settings["optim"]["max_steps"]
+        return [math.ceil(k * steps / rounds) for k in range(1, rounds)]
+
+    def after_step(self, step: int, train_set: FrameDataset | None = None) -> list[torch.nn.Parameter]:
+        """``ggo.rounds`` (not in the paper): when step ``step + 1`` starts a new round, the training
+        frames' cameras and expressions as GGO refines them now become the ones the next round
+        refines, and the whole model (GGO included) goes back to its initial values, as if it were
+        trained again from scratch on the refined tracking (an avatar learnt from drifted frames
+        holds the poses where they were when it was learnt: ``benchmarks/ggo_drift.md``). The
+        warm-up is not run again. Returns the parameters whose optimiser moments the trainer drops
+        (all of them)."""
+        if step + 1 not in self.round_starts():
+            return []
+        from .evaluation import training_frame_tracking
+        refined = training_frame_tracking(self, train_set.subject, self.baked_camtoworlds.device)
+        self.baked_camtoworlds[refined["ids"]] = refined["c2w_after"]
+        self.baked_expressions[refined["ids"]] = refined["expr_after"]
+        self.load_state_dict(self.initial_state, strict=False)  # all but the baked tracking
+        self.ggo.shared_offset.zero_()
+        log.info("GGO round %d of %d starts at step %d: tracking refined, model re-initialised",
+                 self.round_starts().index(step + 1) + 2, self.settings["ggo"]["rounds"], step + 1)
+        return list(self.parameters())
+
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:
         """Adam (fused; multi-tensor where the device has no fused kernel) with one group per module
         (``optim.lr``) and one LR schedule for all of them, over
@@ -384,7 +422,8 @@ class GraphAvatar(Method):
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
                     for group in groups for p in group["params"])
         optimizer = torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups, foreach=True)
-        schedule = LRSchedule(o["schedule"], o["final_ratio"], o["max_steps"])
+        schedule = LRSchedule(o["schedule"], o["final_ratio"], o["max_steps"],
+                              self.settings["ggo"]["rounds"] if self.ggo is not None else 1)
         return optimizer, ScheduledLR(optimizer, schedule)
 
     def before_training(self, context: TrainContext) -> None:

@@ -41,16 +41,21 @@ class LRSchedule:
     """Learning-rate factor per step (for ``LambdaLR``): the schedule named ``kind`` at
     ``t = step / max_steps``, held at its final value after ``max_steps``.
 
+    With ``rounds`` > 1 (``model.ggo.rounds``) the steps are split into that many equal rounds and
+    the schedule starts again from the top in each: ``t`` is the progress through the current round.
+
     Only plain values are attributes: ``LambdaLR.state_dict`` saves this object's ``__dict__``
     into every checkpoint, and a function there would make ``torch.load(weights_only=True)``
     refuse the checkpoint; the curve is looked up by name on each call."""
 
-    def __init__(self, kind: str, final_ratio: float, max_steps: int) -> None:
+    def __init__(self, kind: str, final_ratio: float, max_steps: int, rounds: int = 1) -> None:
         choose(LR_SCHEDULES, kind, "model.optim.schedule")  # an unknown name fails here, not mid-run
-        self.kind, self.final_ratio, self.max_steps = kind, float(final_ratio), int(max_steps)
+        self.kind, self.final_ratio, self.max_steps, self.rounds = kind, float(final_ratio), int(max_steps), int(rounds)
 
     def __call__(self, step: int) -> float:
-        return LR_SCHEDULES[self.kind](min(step / self.max_steps, 1.0), self.final_ratio)
+        t = min(step / self.max_steps, 1.0) * self.rounds
+        t = t - min(math.floor(t), self.rounds - 1)  # progress through the current round
+        return LR_SCHEDULES[self.kind](t, self.final_ratio)
 
 
 class ScheduledLR(torch.optim.lr_scheduler.LambdaLR):
@@ -66,11 +71,10 @@ class ScheduledLR(torch.optim.lr_scheduler.LambdaLR):
     """
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        lengths = [getattr(fn, "max_steps", None) for fn in self.lr_lambdas]
+        configured = [dict(vars(fn)) for fn in self.lr_lambdas]  # length and rounds as configured now
         super().load_state_dict(state_dict)
-        for fn, length in zip(self.lr_lambdas, lengths):
-            if length is not None:
-                fn.max_steps = length
+        for fn, values in zip(self.lr_lambdas, configured):
+            vars(fn).update(values)
         rates = [base * fn(self.last_epoch) for fn, base in zip(self.lr_lambdas, self.base_lrs)]
         for group, rate in zip(self.optimizer.param_groups, rates):
             if isinstance(group["lr"], torch.Tensor):

@@ -121,6 +121,7 @@ def _check(name: str, s: dict, p: str) -> None:
         need("shared_momentum", _number(s["shared_momentum"]) and 0 <= s["shared_momentum"] < 1, "must be in [0, 1)")
         need("static_avatar_steps", isinstance(s["static_avatar_steps"], int) and s["static_avatar_steps"] >= 0,
              "must be an integer >= 0")
+        need("rounds", isinstance(s["rounds"], int) and s["rounds"] >= 1, "must be an integer >= 1")
     elif name == "enhancer" and s["enabled"]:
         _positive_ints(f"{p}.channels", s["channels"])
         for key in ("depth_offset", "depth_scale"):

@@ -261,3 +261,61 @@ def test_pose_bound_fit_recovers_a_known_camera_offset():
     after = rotation_errors_deg(refined[:, :3, :3], true[:, :3, :3])
     assert l1_after < 0.5 * l1_before
     assert (after < 0.3 * before).all(), (before, after)
+
+
+def test_ggo_rounds_bake_the_refined_tracking_and_restart_the_model(tmp_path):
+    """model.ggo.rounds=2 over 4 steps: the LR schedule starts again at step 2; there the training
+    frames' refined cameras and expressions become the ones GGO refines, the whole model goes back to
+    its initial values (so the refinement is unchanged by the restart) and the trainer drops every
+    optimiser moment (the checkpoint written at step 2 holds no Adam state)."""
+    from graphavatar.evaluation import training_frame_tracking
+    from graphavatar.schedules import LRSchedule
+    from headkit.data.dataset import FrameDataset
+    from headkit.data.synthetic import generate_synthetic_subject
+    from headkit.engine.trainer import train
+
+    from .test_graphavatar_model import TINY_GENERATOR, _compose, small_model
+    schedule = LRSchedule("exponential", 0.1, 4, rounds=2)
+    assert [schedule(s) for s in range(5)] == pytest.approx([1.0, 0.1 ** 0.5, 1.0, 0.1 ** 0.5, 0.1])
+    assert LRSchedule("exponential", 0.1, 4)(2) == pytest.approx(0.1 ** 0.5)  # one round: as before
+
+    # the model's part
+    subject = generate_synthetic_subject(**TINY_GENERATOR)
+    model = small_model(subject, ggo={"rounds": 2}, optim={"max_steps": 4})
+    assert model.round_starts() == [2] and small_model(subject).round_starts() == []
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # stands in for training: GGO now moves the cameras
+    train_set = FrameDataset(subject, "train")
+    before = training_frame_tracking(model, subject, torch.device("cpu"))
+    assert (before["c2w_after"] - before["c2w_before"]).abs().max() > 1e-4
+    assert model.after_step(0, train_set) == []
+    assert torch.equal(model.baked_camtoworlds, torch.from_numpy(subject.camtoworlds))  # not yet baked
+    restarted = model.after_step(1, train_set)
+    assert len(restarted) == len(list(model.parameters()))
+    for k, v in model.state_dict().items():
+        if not k.startswith("baked_"):
+            assert torch.equal(v, initial[k]), k
+    ids = torch.as_tensor(before["ids"])
+    torch.testing.assert_close(model.baked_camtoworlds[ids], before["c2w_after"])
+    torch.testing.assert_close(model.baked_expressions[ids], before["expr_after"])
+    after = training_frame_tracking(model, subject, torch.device("cpu"))  # fresh GGO (zero) on the baked tracking
+    torch.testing.assert_close(after["c2w_after"], before["c2w_after"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(after["c2w_before"], before["c2w_before"])  # still scored from the tracked ones
+    test_ids = torch.as_tensor(subject.test_ids)
+    assert torch.equal(model.baked_camtoworlds[test_ids], torch.from_numpy(subject.camtoworlds[subject.test_ids]))
+
+    # the trainer's part
+    gen = [f"data.generator.{k}={v}" for k, v in TINY_GENERATOR.items()]
+    cfg = _compose(gen + [
+        f"paths.data_dir={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}", "trainer.max_steps=4",
+        "trainer.ckpt_every=2", "trainer.keep_checkpoints=3", "trainer.progress=false", "trainer.device=cpu",
+        "eval.video=false", "eval.timing_repeats=1", "eval.lpips=false", "model.unet.filters=[8,8]",
+        "model.unet.K=2", "model.enhancer.channels=[4,8]", "model.warmup.enabled=false", "model.ggo.rounds=2"])
+    train(cfg)
+    states = [torch.load(c, weights_only=False) for c in (tmp_path / "run" / "checkpoints").glob("*.pt")]
+    at_restart = next(st for st in states if st["step"] == 2)
+    assert at_restart["optimizer"]["state"] == {}, "every Adam moment is dropped at the restart"
+    assert at_restart["scheduler"]["last_epoch"] == 2
+    assert next(st for st in states if st["step"] == 4)["optimizer"]["state"]  # and rebuilt after it

@@ -31,4 +31,4 @@ def test_lr_schedule_state_loads_with_weights_only(tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule("cosine", 0.1, 10))
     torch.save({"scheduler": sched.state_dict()}, tmp_path / "s.pt")
     state = torch.load(tmp_path / "s.pt", weights_only=True)
-    assert state["scheduler"]["lr_lambdas"][0] == {"kind": "cosine", "final_ratio": 0.1, "max_steps": 10}
+    assert state["scheduler"]["lr_lambdas"][0] == {"kind": "cosine", "final_ratio": 0.1, "max_steps": 10, "rounds": 1}

@@ -75,22 +75,26 @@ class _Killed(Exception):
     """Stands for a killed process."""
 
 
-def test_graphavatar_resumed_after_a_kill_equals_the_straight_run(tmp_path, monkeypatch):
-    straight = train(_cfg(tmp_path, "straight", "synthetic_subject", N))
+@pytest.mark.parametrize("extra", [(), ("model.ggo.rounds=2",)], ids=["one_round", "two_rounds"])
+def test_graphavatar_resumed_after_a_kill_equals_the_straight_run(tmp_path, monkeypatch, extra):
+    """With ``model.ggo.rounds=2`` the second round starts at step N/2: the checkpoint there holds the
+    baked tracking and no optimiser moments, and the resumed run still equals the straight one."""
+    straight = train(_cfg(tmp_path, "straight", "synthetic_subject", N, extra=extra))
 
     after_step = GraphAvatar.after_step
 
-    def killed_after_the_checkpoint(self, step):
-        after_step(self, step)
+    def killed_after_the_checkpoint(self, step, train_set=None):
+        restarted = after_step(self, step, train_set)
         if step == N // 2:  # the checkpoint of step N/2 is on disk; this step's update is lost
             raise _Killed
+        return restarted
 
     monkeypatch.setattr(GraphAvatar, "after_step", killed_after_the_checkpoint)
     with pytest.raises(_Killed):
-        train(_cfg(tmp_path, "split", "synthetic_subject", N))
+        train(_cfg(tmp_path, "split", "synthetic_subject", N, extra=extra))
     monkeypatch.setattr(GraphAvatar, "after_step", after_step)
     warmups = (tmp_path / "split" / "warmup.json").stat().st_mtime_ns
-    resumed = train(_cfg(tmp_path, "split", "synthetic_subject", N, resume=True))
+    resumed = train(_cfg(tmp_path, "split", "synthetic_subject", N, resume=True, extra=extra))
 
     assert (tmp_path / "split" / "warmup.json").stat().st_mtime_ns == warmups  # no second warm-up
     _assert_same_state(_final(tmp_path, "straight"), _final(tmp_path, "split"))

@@ -70,8 +70,10 @@ class Method(nn.Module):
     def before_training(self, context: TrainContext) -> None:
         """Hook run once before the first optimisation step of a fresh run (e.g. warm-up)."""
 
-    def after_step(self, step: int) -> None:
-        """Hook run after each optimiser step (e.g. schedules that are not LR schedules)."""
+    def after_step(self, step: int, train_set: FrameDataset | None = None) -> list[torch.nn.Parameter] | None:
+        """Hook run after each optimiser step (e.g. schedules that are not LR schedules), with the
+        training frames. Returns the parameters it re-initialised, if any: the trainer drops their
+        optimiser moments."""
 
     def target_image(self, batch: dict[str, Tensor]) -> Tensor:
         """The ground truth a render is scored against, ``[B,H,W,3]``: the frame as stored by

@@ -238,7 +238,8 @@ def _run_steps(model: Method, optimizer, scheduler, data: tuple[FrameDataset, Fr
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                model.after_step(step)
+                for restarted in model.after_step(step, train_set) or ():
+                    optimizer.state.pop(restarted, None)  # re-initialised by the method: fresh moments
                 if threads is not None:
                     threads.update()
                 if step == start:
