@@ -180,7 +180,9 @@ def test_ggo_drift_experiment_composes():
     assert cfg.experiment_name == "ggo_drift" and cfg.model._target_ == "graphavatar.model.GraphAvatar"
     assert 0.5 <= noise.correlation_s <= 1.0 and noise.pose_rot_deg > 0 and noise.pose_trans > 0
     assert noise.expression > 0
-    assert cfg.trainer.max_steps == default.trainer.max_steps
+    # two rounds of the default length (model.ggo.rounds), and the same length without GGO
+    assert cfg.model.ggo.rounds == 2 and default.model.ggo.rounds == 1
+    assert cfg.trainer.max_steps == 2 * default.trainer.max_steps == noggo.trainer.max_steps
     assert default.data.generator.tracking_noise.correlation_s is None
     assert noggo.model.ggo.enabled is False and noggo.data.generator.tracking_noise == noise
     assert _parse_noise(dict(noise))["correlation_s"] == noise.correlation_s
