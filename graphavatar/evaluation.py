@@ -19,7 +19,7 @@ from torch import Tensor
 from headkit.data.dataset import FrameDataset
 from headkit.data.subject import Subject
 
-__all__ = ["rotation_errors_deg", "tracking_errors", "training_frame_tracking", "ggo_tracking_errors",
+__all__ = ["rotation_errors_deg", "shared_offset", "tracking_errors", "training_frame_tracking", "ggo_tracking_errors",
            "count_gaussians"]
 
 
@@ -38,6 +38,19 @@ def _project_so3(matrix: Tensor) -> Tensor:
     u, _, vt = torch.linalg.svd(matrix)
     d = torch.sign(torch.det(u @ vt))
     return u @ torch.diag(torch.stack([torch.ones_like(d), torch.ones_like(d), d])) @ vt
+
+
+def shared_offset(
+    cameras: Tensor,  # [N, 4, 4] estimated
+    true_cameras: Tensor,  # [N, 4, 4] in the same frame
+) -> Tensor:
+    """The rigid offset common to all frames' errors ``E_i = cameras_i true_i^-1``, ``[4, 4]``:
+    the chordal mean of their rotations and the mean of their translations."""
+    errs = cameras @ torch.linalg.inv(true_cameras)  # E_i, [N, 4, 4]
+    mean = torch.eye(4, dtype=errs.dtype, device=errs.device)
+    mean[:3, :3] = _project_so3(errs[:, :3, :3].mean(0))
+    mean[:3, 3] = errs[:, :3, 3].mean(0)
+    return mean
 
 
 def tracking_errors(
@@ -76,11 +89,7 @@ def tracking_errors(
                              f"{tuple(local_poses.shape)}")
         to_local = torch.linalg.inv(local_poses.double())
         cams, true = to_local @ cams, to_local @ true  # L_i, Ltrue_i
-    errs = cams @ torch.linalg.inv(true)  # E_i, [N, 4, 4]
-    mean = torch.eye(4, dtype=errs.dtype, device=errs.device)
-    mean[:3, :3] = _project_so3(errs[:, :3, :3].mean(0))
-    mean[:3, 3] = errs[:, :3, 3].mean(0)
-    aligned = torch.linalg.inv(mean) @ cams
+    aligned = torch.linalg.inv(shared_offset(cams, true)) @ cams
     expr, true_expr = expressions.double(), true_expressions.double()
     d_expr = expr - true_expr
     out = {}
