@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ from .graph_unet import AppearanceHead, GeometryHead
 from .losses import GraphAvatarLoss
 from .neural_gaussians import NeuralGaussians
 from .sampling import build_mesh_hierarchy
-from .schedules import LRSchedule, ScheduledLR
+from .schedules import LRSchedule, ScheduledLR, round_starts
 from .settings import ConfigValueError, defaults, section
 
 log = logging.getLogger(__name__)
@@ -381,12 +380,11 @@ class GraphAvatar(Method):
         return groups
 
     def round_starts(self) -> list[int]:
-        """The steps at which ``ggo.rounds`` starts a new round: ``ceil(k · max_steps / rounds)``
-        for ``k = 1 .. rounds - 1`` (where the LR schedule starts again); empty without rounds."""
+        """The steps at which ``ggo.rounds`` starts a new round (:func:`~graphavatar.schedules.round_starts`,
+        where the LR schedule starts again); empty without rounds."""
         if self.initial_state is None:
             return []
-        rounds, steps = self.settings["ggo"]["rounds"], self.settings["optim"]["max_steps"]
-        return [math.ceil(k * steps / rounds) for k in range(1, rounds)]
+        return round_starts(self.settings["optim"]["max_steps"], self.settings["ggo"]["rounds"])
 
     def after_step(self, step: int, train_set: FrameDataset | None = None) -> list[torch.nn.Parameter]:
         """``ggo.rounds`` (not in the paper): when step ``step + 1`` starts a new round, the training

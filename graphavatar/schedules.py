@@ -37,12 +37,20 @@ LR_SCHEDULES: dict[str, Callable[[float, float], float]] = {
     "constant": constant, "exponential": exponential, "cosine": cosine}
 
 
+def round_starts(max_steps: int, rounds: int) -> list[int]:
+    """The first step of each round after the first when ``max_steps`` are split into ``rounds``
+    equal rounds: ``ceil(k · max_steps / rounds)``, ``k = 1 .. rounds - 1`` (where :class:`LRSchedule`
+    starts again, and ``model.ggo.rounds`` restarts the model)."""
+    return [math.ceil(k * max_steps / rounds) for k in range(1, rounds)]
+
+
 class LRSchedule:
     """Learning-rate factor per step (for ``LambdaLR``): the schedule named ``kind`` at
     ``t = step / max_steps``, held at its final value after ``max_steps``.
 
-    With ``rounds`` > 1 (``model.ggo.rounds``) the steps are split into that many equal rounds and
-    the schedule starts again from the top in each: ``t`` is the progress through the current round.
+    With ``rounds`` > 1 (``model.ggo.rounds``) the steps are split into that many equal rounds
+    (:func:`round_starts`) and the schedule starts again from the top in each: ``t`` is the
+    progress through the current round.
 
     Only plain values are attributes: ``LambdaLR.state_dict`` saves this object's ``__dict__``
     into every checkpoint, and a function there would make ``torch.load(weights_only=True)``
@@ -53,8 +61,9 @@ class LRSchedule:
         self.kind, self.final_ratio, self.max_steps, self.rounds = kind, float(final_ratio), int(max_steps), int(rounds)
 
     def __call__(self, step: int) -> float:
-        t = min(step / self.max_steps, 1.0) * self.rounds
-        t = t - min(math.floor(t), self.rounds - 1)  # progress through the current round
+        bounds = [0, *round_starts(self.max_steps, self.rounds), self.max_steps]
+        k = max(i for i in range(len(bounds) - 1) if bounds[i] <= step)  # the current round
+        t = min((step - bounds[k]) / (bounds[k + 1] - bounds[k]), 1.0)  # progress through it
         return LR_SCHEDULES[self.kind](t, self.final_ratio)
 
 
@@ -64,7 +73,7 @@ class ScheduledLR(torch.optim.lr_scheduler.LambdaLR):
     ``LambdaLR.load_state_dict`` restores every schedule's ``__dict__`` from the checkpoint,
     ``max_steps`` included, so a run resumed with a longer ``trainer.max_steps`` would keep
     decaying over the old length (and sit at ``final_ratio`` for the whole extension). Here the
-    lengths given at construction win over the loaded ones, and the optimiser's current rates
+    values given at construction (length and rounds) win over the loaded ones, and the optimiser's current rates
     are recomputed for the loaded step with them. Load the optimiser's state first (as
     :func:`headkit.engine.checkpoint.resume_or_start` does): it holds the rates of the old
     length. With an unchanged length the recomputed rates are bit-identical to the stored ones.

@@ -271,7 +271,7 @@ def test_ggo_rounds_bake_the_refined_tracking_and_restart_the_model(tmp_path):
     its initial values (so the refinement is unchanged by the restart) and the trainer drops every
     optimiser moment (the checkpoint written at step 2 holds no Adam state)."""
     from graphavatar.evaluation import training_frame_tracking
-    from graphavatar.schedules import LRSchedule
+    from graphavatar.schedules import LRSchedule, round_starts
     from headkit.data.dataset import FrameDataset
     from headkit.data.synthetic import generate_synthetic_subject
     from headkit.engine.trainer import train
@@ -280,6 +280,9 @@ def test_ggo_rounds_bake_the_refined_tracking_and_restart_the_model(tmp_path):
     schedule = LRSchedule("exponential", 0.1, 4, rounds=2)
     assert [schedule(s) for s in range(5)] == pytest.approx([1.0, 0.1 ** 0.5, 1.0, 0.1 ** 0.5, 0.1])
     assert LRSchedule("exponential", 0.1, 4)(2) == pytest.approx(0.1 ** 0.5)  # one round: as before
+    uneven = LRSchedule("exponential", 0.1, 7, rounds=3)  # rounds start at steps 3 and 5
+    assert round_starts(7, 3) == [3, 5] and round_starts(7, 1) == []
+    assert [uneven(s) for s in (0, 3, 5)] == [1.0, 1.0, 1.0] and uneven(2) < 1.0 and uneven(7) == pytest.approx(0.1)
 
     # the model's part
     subject = generate_synthetic_subject(**TINY_GENERATOR)
