@@ -402,6 +402,8 @@ def test_invalid_values_name_the_key(subject):
         small_model(subject, ggo={"enabld": False})
     with pytest.raises(ConfigValueError, match=r"model\.ggo\.static_avatar_steps"):
         small_model(subject, ggo={"static_avatar_steps": -1})
+    with pytest.raises(ConfigValueError, match=r"model\.ggo\.rounds=0: must be an integer >= 1"):
+        small_model(subject, ggo={"rounds": 0})
     with pytest.raises(ConfigValueError, match=r"model\.ggo\.frequency_spacing"):
         small_model(subject, ggo={"frequency_spacing": "log"})
     assert small_model(subject, ggo={"frequency_spacing": "linear"}).ggo.frequency_spacing == "linear"
