@@ -101,8 +101,10 @@ def tracking_errors(
 
 
 @torch.no_grad()
-def training_frame_tracking(model, subject: Subject, device: torch.device, batch_size: int = 16) -> dict[str, Tensor]:
-    """The training frames as tracked and as GGO refines them (and the truth, where the subject has it).
+def training_frame_tracking(model, subject: Subject, device: torch.device, batch_size: int = 16,
+                            split: str = "train") -> dict[str, Tensor]:
+    """The training frames (or those of ``split``) as tracked and as GGO refines them (and the
+    truth, where the subject has it).
 
     Returns ``{"ids": [N] subject frame indices, "poses": [N, 4, 4] the avatar's frame to world,
     "c2w_before", "c2w_after": [N, 4, 4], "expr_before", "expr_after": [N, E]}`` in
@@ -111,7 +113,7 @@ def training_frame_tracking(model, subject: Subject, device: torch.device, batch
     """
     was_training = model.training
     model.eval()
-    train = FrameDataset(subject, "train")
+    train = FrameDataset(subject, split)
     parts = {key: [] for key in ("ids", "poses", "c2w_before", "c2w_after", "expr_before", "expr_after")}
     for start in range(0, len(train), batch_size):
         batch = train.batch(np.arange(start, min(start + batch_size, len(train))), device)

@@ -31,9 +31,30 @@ from torch import Tensor, nn
 from headkit.cameras import invert_rigid, perturb_pose
 from headkit.encodings import FREQUENCY_SPACINGS, positional_encoding
 
-__all__ = ["GraphGuidedOptimization", "apply_pose_delta", "POSE_SIDES"]
+__all__ = ["GraphGuidedOptimization", "apply_pose_delta", "ggo_times", "POSE_SIDES", "TEST_TIMES"]
 
 POSE_SIDES = ("right", "left", "head")  # frames apply_pose_delta can apply the update in
+TEST_TIMES = ("hold", "extrapolate")  # what ggo_times gives GGO for frames outside the training time range
+
+
+def ggo_times(
+    times: Tensor,  # [B] normalised time of each frame
+    train_range: tuple[float, float],  # first and last training frame's time
+    test_time: str = "hold",
+) -> Tensor:
+    """The times GGO is conditioned on, ``[B]``. Only frames outside the training frames' time
+    range differ (test frames, when GGO refines them: ``ggo.apply_on_test``):
+
+    * ``"hold"``: the time is clamped to that range, so a frame after the training range gets the
+      time code of the last training frame (a zero-order hold) with its own graph features.
+      Tracking errors change slowly (drift), so the correction learnt at the end of the
+      training range is the best estimate the time code holds for the frames just after it.
+    * ``"extrapolate"``: the time as it is; the time encoding's sinusoids continue past the
+      training range, where nothing constrained them.
+    """
+    if test_time == "extrapolate":
+        return times
+    return times.clamp(*train_range)
 
 
 class GraphGuidedOptimization(nn.Module):

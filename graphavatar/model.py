@@ -23,9 +23,12 @@ Gaussians (:mod:`graphavatar.warmup`). ``input_space="world"`` is the paper's li
 
 GGO on test frames (``ggo.apply_on_test``, default false): GGO is conditioned on the normalised
 time, and test frames come after the training range (held-out tail of the video), so its
-offsets there would be extrapolations of a per-frame correction learned for other frames. By
+offsets there are extrapolations of a per-frame correction learned for other frames. By
 default test frames are rendered from their tracked expression and camera, as a deployed avatar
-driven by new tracking would be. That makes GGO's offsets ambiguous with the avatar itself (a
+driven by new tracking would be. With ``apply_on_test`` GGO refines them from their own graph
+features and a time code held at the last training frame's (``ggo.test_time: hold``,
+:func:`graphavatar.ggo.ggo_times`): where tracking drifts, the test frames just after the
+training range share much of its last frames' error (``experiment=ggo_drift``). That makes GGO's offsets ambiguous with the avatar itself (a
 camera offset shared by all training frames equals moving every Gaussian), so an unpenalised GGO
 drifts and misaligns every test render (measured on the synthetic subject: 0.05-0.08 degrees,
 1.5-2.5 mm, -1 to -1.4 dB); ``loss.ggo_reg`` (on by default, not in the paper) penalises the
@@ -54,7 +57,7 @@ from headkit.mesh import vertex_normals
 from headkit.render.gaussians import rasterize_gaussians
 
 from .enhancer import DepthEnhancer
-from .ggo import GraphGuidedOptimization, apply_pose_delta
+from .ggo import GraphGuidedOptimization, apply_pose_delta, ggo_times
 from .graph_unet import AppearanceHead, GeometryHead
 from .losses import GraphAvatarLoss
 from .neural_gaussians import NeuralGaussians
@@ -185,6 +188,8 @@ class GraphAvatar(Method):
         self.register_buffer("template", torch.from_numpy(np.asarray(subject.template_vertices, np.float32)),
                              persistent=False)
         self.loss_fn = GraphAvatarLoss(**cfg["loss"], translation_unit=depth_normalisation(subject)[0])
+        train_times = np.asarray(subject.times, np.float32)[subject.train_ids]
+        self.train_time_range = (float(train_times.min()), float(train_times.max()))  # for ggo.test_time
         self.static_avatar = False  # set per training batch by sample_train_batch (ggo.static_avatar_steps)
         # ggo.rounds: the initial values, restored at the start of each later round, and the cameras
         # and expressions refined by the rounds so far (per subject frame; checkpointed)
@@ -252,7 +257,8 @@ class GraphAvatar(Method):
             b = c2w.shape[0]
             return c2w, expr, {"delta_expression": expr.new_zeros(b, self.expression_dim),
                                "delta_pose": expr.new_zeros(b, 6)}
-        out = self.ggo(batch["time"], torch.cat([encoded["z_geo"], encoded["z_app"]], dim=-1))
+        times = ggo_times(batch["time"], self.train_time_range, self.settings["ggo"]["test_time"])
+        out = self.ggo(times, torch.cat([encoded["z_geo"], encoded["z_app"]], dim=-1))
         d_expr, d_pose = out["delta_expressions"], out["delta_poses"]
         refined = apply_pose_delta(c2w, d_pose, side=self.settings["ggo"]["pose_side"], head_poses=encoded["poses"])
         return refined, expr + d_expr, {"delta_expression": d_expr, "delta_pose": d_pose,
@@ -388,8 +394,8 @@ class GraphAvatar(Method):
 
     def after_step(self, step: int, train_set: FrameDataset | None = None) -> list[torch.nn.Parameter]:
         """``ggo.rounds`` (not in the paper): when step ``step + 1`` starts a new round, the training
-        frames' cameras and expressions as GGO refines them now become the ones the next round
-        refines, and the whole model (GGO included) goes back to its initial values, as if it were
+        frames' cameras and expressions as GGO refines them now (and the test frames', where GGO
+        refines those: ``ggo.apply_on_test``) become the ones the next round refines, and the whole model (GGO included) goes back to its initial values, as if it were
         trained again from scratch on the refined tracking (an avatar learnt from drifted frames
         holds the poses where they were when it was learnt: ``benchmarks/ggo_drift.md``). The
         warm-up is not run again. Returns the parameters whose optimiser moments the trainer drops
@@ -397,9 +403,11 @@ class GraphAvatar(Method):
         if step + 1 not in self.round_starts():
             return []
         from .evaluation import training_frame_tracking
-        refined = training_frame_tracking(self, train_set.subject, self.baked_camtoworlds.device)
-        self.baked_camtoworlds[refined["ids"]] = refined["c2w_after"]
-        self.baked_expressions[refined["ids"]] = refined["expr_after"]
+        splits = ("train", "test") if self.settings["ggo"]["apply_on_test"] else ("train",)
+        for split in splits:  # bake what renders refine: the test frames too where GGO refines them
+            refined = training_frame_tracking(self, train_set.subject, self.baked_camtoworlds.device, split=split)
+            self.baked_camtoworlds[refined["ids"]] = refined["c2w_after"]
+            self.baked_expressions[refined["ids"]] = refined["expr_after"]
         self.load_state_dict(self.initial_state, strict=False)  # all but the baked tracking
         self.ggo.shared_offset.zero_()
         log.info("GGO round %d of %d starts at step %d: tracking refined, model re-initialised",

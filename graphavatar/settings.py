@@ -22,7 +22,7 @@ from headkit.errors import InvalidConfigValue
 from headkit.render.gaussians import BACKENDS
 
 from .enhancer import PRECISIONS
-from .ggo import POSE_SIDES
+from .ggo import POSE_SIDES, TEST_TIMES
 from .graph_unet import HEAD_INITS
 from .losses import GGO_REG_TARGETS
 from .schedules import LR_SCHEDULES
@@ -122,6 +122,7 @@ def _check(name: str, s: dict, p: str) -> None:
         need("static_avatar_steps", isinstance(s["static_avatar_steps"], int) and s["static_avatar_steps"] >= 0,
              "must be an integer >= 0")
         need("rounds", isinstance(s["rounds"], int) and s["rounds"] >= 1, "must be an integer >= 1")
+        need("test_time", s["test_time"] in TEST_TIMES, f"must be one of {', '.join(TEST_TIMES)}")
     elif name == "enhancer" and s["enabled"]:
         _positive_ints(f"{p}.channels", s["channels"])
         for key in ("depth_offset", "depth_scale"):

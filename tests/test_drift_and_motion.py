@@ -310,6 +310,19 @@ def test_ggo_rounds_bake_the_refined_tracking_and_restart_the_model(tmp_path):
     torch.testing.assert_close(after["c2w_before"], before["c2w_before"])  # still scored from the tracked ones
     test_ids = torch.as_tensor(subject.test_ids)
     assert torch.equal(model.baked_camtoworlds[test_ids], torch.from_numpy(subject.camtoworlds[subject.test_ids]))
+    # where GGO refines the test frames (ggo.apply_on_test), their refinement is baked as well
+    model = small_model(subject, ggo={"rounds": 2, "apply_on_test": True}, optim={"max_steps": 4})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    test_before = training_frame_tracking(model, subject, torch.device("cpu"), split="test")
+    assert torch.equal(test_before["ids"].cpu(), test_ids)
+    assert (test_before["c2w_after"] - test_before["c2w_before"]).abs().max() > 1e-4
+    model.after_step(1, train_set)
+    torch.testing.assert_close(model.baked_camtoworlds[test_ids], test_before["c2w_after"])
+    torch.testing.assert_close(model.baked_expressions[test_ids], test_before["expr_after"])
+    test_after = training_frame_tracking(model, subject, torch.device("cpu"), split="test")
+    torch.testing.assert_close(test_after["c2w_after"], test_before["c2w_after"], atol=1e-5, rtol=0)
 
     # the trainer's part
     gen = [f"data.generator.{k}={v}" for k, v in TINY_GENERATOR.items()]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from graphavatar.ggo import GraphGuidedOptimization, apply_pose_delta
+from graphavatar.ggo import GraphGuidedOptimization, apply_pose_delta, ggo_times
 from headkit.encodings import positional_encoding
 
 
@@ -166,3 +166,9 @@ def test_shared_offset_is_a_running_mean_with_the_gradient_of_its_square():
     ggo.shared(out.detach() * 100)  # evaluation never moves the running mean
     torch.testing.assert_close(ggo.shared_offset, expected)
     assert "shared_offset" not in ggo.state_dict()  # old checkpoints keep loading
+
+
+def test_ggo_times_hold_the_training_range():
+    times = torch.tensor([-0.2, 0.1, 0.5, 0.9, 1.0])
+    torch.testing.assert_close(ggo_times(times, (0.1, 0.9), "hold"), torch.tensor([0.1, 0.1, 0.5, 0.9, 0.9]))
+    torch.testing.assert_close(ggo_times(times, (0.1, 0.9), "extrapolate"), times)

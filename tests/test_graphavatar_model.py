@@ -192,6 +192,30 @@ def test_ggo_pose_delta_changes_the_render_and_receives_gradient(subject):
         torch.testing.assert_close(model.get_outputs(batch)["image"], reference, atol=1e-5, rtol=0)
 
 
+def test_ggo_on_test_frames_holds_the_last_training_time(subject):
+    """ggo.apply_on_test: a test frame after the training range is refined with its own graph
+    features and the last training frame's time (ggo.test_time=hold), or with its own time
+    (extrapolate); hold is what the model does by default."""
+    model = small_model(subject, ggo={"apply_on_test": True}).eval()
+    assert model.settings["ggo"]["test_time"] == "hold"
+    first, last = model.train_time_range
+    assert (first, last) == (float(subject.times[subject.train_ids].min()), float(subject.times[subject.train_ids].max()))
+    with torch.no_grad():
+        torch.nn.init.normal_(model.ggo.out_proj.weight)  # offsets that depend on the time
+    test = FrameDataset(subject, "test").batch([len(subject.test_ids) - 1])
+    assert test["time"].item() > last
+    at_last = {**test, "time": torch.full_like(test["time"], last)}
+    with torch.no_grad():
+        encoded = model.encode(test)
+        held = model.refine(test, encoded)[2]["delta_pose"]
+        torch.testing.assert_close(model.refine(at_last, encoded)[2]["delta_pose"], held)
+        model.settings["ggo"]["test_time"] = "extrapolate"
+        moved = model.refine(test, encoded)[2]["delta_pose"]
+    assert (moved - held).abs().max() > 1e-4
+    with pytest.raises(ConfigValueError, match=r"model\.ggo\.test_time"):
+        small_model(subject, ggo={"test_time": "clamp"})
+
+
 def test_ggo_head_side_and_shared_penalty_through_the_model(subject):
     # pose_side=head: the model refines camera-to-world as H exp(d) H^-1 c2w with the head pose H;
     # ggo_reg.target=shared: the penalty is on the running mean of the offsets, not each frame's.
