@@ -190,6 +190,9 @@ def test_ggo_drift_experiment_composes():
     assert cfg.model.ggo.pose_side == "head" and default.model.ggo.pose_side == "right"
     assert cfg.model.loss.ggo_reg.pose < default.model.loss.ggo_reg.pose
     assert cfg.model.loss.ggo_reg.target == "offsets"
+    # GGO refines the held-out frames there, with the last training frame's time code; not by default
+    assert cfg.model.ggo.apply_on_test is True and default.model.ggo.apply_on_test is False
+    assert cfg.model.ggo.test_time == default.model.ggo.test_time == "hold"
 
 
 @pytest.fixture(scope="module")
