@@ -25,14 +25,15 @@ GGO on test frames (``ggo.apply_on_test``, default false): GGO is conditioned on
 time, and test frames come after the training range (held-out tail of the video), so its
 offsets there are extrapolations of a per-frame correction learned for other frames. By
 default test frames are rendered from their tracked expression and camera, as a deployed avatar
-driven by new tracking would be. With ``apply_on_test`` GGO refines them from their own graph
-features and a time code held at the last training frame's (``ggo.test_time: hold``,
-:func:`graphavatar.ggo.ggo_times`): where tracking drifts, the test frames just after the
-training range share much of its last frames' error (``experiment=ggo_drift``). That makes GGO's offsets ambiguous with the avatar itself (a
+driven by new tracking would be. That makes GGO's offsets ambiguous with the avatar itself (a
 camera offset shared by all training frames equals moving every Gaussian), so an unpenalised GGO
 drifts and misaligns every test render (measured on the synthetic subject: 0.05-0.08 degrees,
 1.5-2.5 mm, -1 to -1.4 dB); ``loss.ggo_reg`` (on by default, not in the paper) penalises the
-offsets so shared corrections move into the avatar and GGO keeps the per-frame ones.
+offsets so shared corrections move into the avatar and GGO keeps the per-frame ones. With
+``apply_on_test`` GGO refines the test frames too, from their own graph features and the time
+code of the last training frame (``ggo.test_time: hold``, :func:`graphavatar.ggo.ggo_times`):
+where tracking drifts, the frames just after the training range share much of its last frames'
+error (``experiment=ggo_drift``, ``benchmarks/ggo_drift.md``).
 """
 
 from __future__ import annotations
@@ -395,8 +396,9 @@ class GraphAvatar(Method):
     def after_step(self, step: int, train_set: FrameDataset | None = None) -> list[torch.nn.Parameter]:
         """``ggo.rounds`` (not in the paper): when step ``step + 1`` starts a new round, the training
         frames' cameras and expressions as GGO refines them now (and the test frames', where GGO
-        refines those: ``ggo.apply_on_test``) become the ones the next round refines, and the whole model (GGO included) goes back to its initial values, as if it were
-        trained again from scratch on the refined tracking (an avatar learnt from drifted frames
+        refines those: ``ggo.apply_on_test``) become the ones the next round refines, and the
+        whole model (GGO included) goes back to its initial values, as if it were trained again
+        from scratch on the refined tracking (an avatar learnt from drifted frames
         holds the poses where they were when it was learnt: ``benchmarks/ggo_drift.md``). The
         warm-up is not run again. Returns the parameters whose optimiser moments the trainer drops
         (all of them)."""
