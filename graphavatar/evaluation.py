@@ -107,16 +107,16 @@ def training_frame_tracking(model, subject: Subject, device: torch.device, batch
     truth, where the subject has it).
 
     Returns ``{"ids": [N] subject frame indices, "poses": [N, 4, 4] the avatar's frame to world,
-    "c2w_before", "c2w_after": [N, 4, 4], "expr_before", "expr_after": [N, E]}`` in
-    training-frame order, plus ``"true_c2w"`` and ``"true_expr"`` when ``subject.extras`` holds
+    "c2w_before", "c2w_after": [N, 4, 4], "expr_before", "expr_after": [N, E]}`` in the split's
+    frame order, plus ``"true_c2w"`` and ``"true_expr"`` when ``subject.extras`` holds
     ``true_camtoworlds`` and ``true_expressions``.
     """
     was_training = model.training
     model.eval()
-    train = FrameDataset(subject, split)
+    frames = FrameDataset(subject, split)
     parts = {key: [] for key in ("ids", "poses", "c2w_before", "c2w_after", "expr_before", "expr_after")}
-    for start in range(0, len(train), batch_size):
-        batch = train.batch(np.arange(start, min(start + batch_size, len(train))), device)
+    for start in range(0, len(frames), batch_size):
+        batch = frames.batch(np.arange(start, min(start + batch_size, len(frames))), device)
         encoded = model.encode(batch)
         c2w, expr, _ = model.refine(batch, encoded, apply=True)
         for key, value in (("ids", batch["index"]), ("poses", encoded["poses"]), ("c2w_before", batch["camtoworld"]),
